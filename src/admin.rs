@@ -1,0 +1,169 @@
+//! Operator commands on the daemon's state: `dead-letters list|retry|purge` and `status`.
+//! They read and change only the `resonance_sync` schema, never the CRM's tables.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+
+use crate::app::{connect_and_prepare, AppError};
+use crate::cli::{DeadLetterCommand, Selection};
+use crate::config::Config;
+use crate::error::DbError;
+use crate::sink::truncate;
+
+/// Runs a `dead-letters` subcommand.
+pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<(), AppError> {
+    let pool = crate::db::pool(&config.database)?;
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    crate::store::ensure_schema(&mut client).await?;
+    match command {
+        DeadLetterCommand::List { mapping, purged } => {
+            list(&client, mapping.as_deref(), purged).await
+        }
+        DeadLetterCommand::Retry(selection) => {
+            let sql = "DELETE FROM resonance_sync.deliveries WHERE dead_at IS NOT NULL AND ";
+            let count = apply(&client, sql, &selection, true).await?;
+            println!(
+                "{count} dead letter(s) put back in line; the next run or backfill sends them"
+            );
+            Ok(())
+        }
+        DeadLetterCommand::Purge(selection) => {
+            let sql = "UPDATE resonance_sync.deliveries SET purged_at = now() \
+                       WHERE dead_at IS NOT NULL AND purged_at IS NULL AND ";
+            let count = apply(&client, sql, &selection, false).await?;
+            println!("{count} dead letter(s) purged; their rows stay unsynced and are not sent unless retried with --key");
+            Ok(())
+        }
+    }
+}
+
+async fn list(
+    client: &impl GenericClient,
+    mapping: Option<&str>,
+    purged: bool,
+) -> Result<(), AppError> {
+    let rows = client
+        .query(
+            "SELECT mapping, row_key, attempts, last_status, reason, coalesce(last_error, ''),
+                    to_char(dead_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    purged_at IS NOT NULL
+               FROM resonance_sync.deliveries
+              WHERE dead_at IS NOT NULL AND ($1::text IS NULL OR mapping = $1)
+                AND ($2 OR purged_at IS NULL)
+              ORDER BY mapping, dead_at, row_key",
+            &[&mapping, &purged],
+        )
+        .await
+        .map_err(DbError::from)?;
+    if rows.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<20} {:>8} {:>6}  {:<20} {:<20} detail",
+        "MAPPING", "KEY", "ATTEMPTS", "STATUS", "REASON", "WHEN"
+    );
+    for row in &rows {
+        let status: Option<i32> = row.get(3);
+        let reason: Option<String> = row.get(4);
+        let error: String = row.get(5);
+        let purged_mark = if row.get::<_, bool>(7) {
+            " (purged)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<16} {:<20} {:>8} {:>6}  {:<20} {:<20} {}{purged_mark}",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, i32>(2),
+            status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            reason.unwrap_or_default(),
+            row.get::<_, String>(6),
+            truncate(&error.replace('\n', " "), 120),
+        );
+    }
+    println!("{} dead letter(s)", rows.len());
+    Ok(())
+}
+
+/// Runs `sql` (which ends in `AND `) for the selection; `--key` also reaches purged letters when
+/// `include_purged` is set, the others only unpurged ones.
+async fn apply(
+    client: &impl GenericClient,
+    sql: &str,
+    selection: &Selection,
+    include_purged: bool,
+) -> Result<u64, AppError> {
+    let (condition, value): (&str, Option<&String>) = if selection.all {
+        ("purged_at IS NULL", None)
+    } else if let Some(mapping) = &selection.mapping {
+        ("purged_at IS NULL AND mapping = $1", Some(mapping))
+    } else if let Some(key) = &selection.key {
+        (
+            if include_purged {
+                "row_key = $1"
+            } else {
+                "purged_at IS NULL AND row_key = $1"
+            },
+            Some(key),
+        )
+    } else {
+        return Err(AppError::Config(
+            "say which: --all, --mapping M or --key K".into(),
+        ));
+    };
+    let statement = format!("{sql}{condition}");
+    let params: Vec<&(dyn ToSql + Sync)> =
+        value.iter().map(|v| *v as &(dyn ToSql + Sync)).collect();
+    Ok(client
+        .execute(&statement, &params)
+        .await
+        .map_err(DbError::from)?)
+}
+
+/// `status`: one block per mapping.
+pub async fn status(config: &Config) -> Result<(), AppError> {
+    let (pool, sources) = connect_and_prepare(config, None).await?;
+    let client = pool.get().await.map_err(DbError::from)?;
+    for source in &sources {
+        let name = &source.config.name;
+        let backlog = source.backlog(&client).await?;
+        let state = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE dead_at IS NULL AND attempts > 0),
+                        count(*) FILTER (WHERE dead_at IS NOT NULL AND purged_at IS NULL),
+                        count(*) FILTER (WHERE lease_until > now()),
+                        extract(epoch FROM now() - min(first_attempt_at) FILTER (WHERE dead_at IS NULL))::bigint
+                   FROM resonance_sync.deliveries WHERE mapping = $1",
+                &[name],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let oldest: Option<i64> = state.get(3);
+        println!("mapping '{name}'");
+        println!("  backlog (unsynced, not dead-lettered): {backlog}");
+        println!(
+            "  retrying:                              {}",
+            state.get::<_, i64>(0)
+        );
+        println!(
+            "  claimed now:                           {}",
+            state.get::<_, i64>(2)
+        );
+        println!(
+            "  dead letters:                          {}",
+            state.get::<_, i64>(1)
+        );
+        println!(
+            "  oldest failing row first tried:        {}",
+            oldest
+                .map(|s| format!(
+                    "{} ago",
+                    humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
+                ))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}

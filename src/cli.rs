@@ -1,0 +1,111 @@
+//! The command line: subcommands and their flags. Parsing only; `app` does the work.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+use crate::telemetry::LogFormat;
+
+/// Forwards unsynced PostgreSQL rows to the Resonance rewards API, marking each row synced only
+/// after a confirmed 2xx.
+#[derive(Debug, Parser)]
+#[command(name = "resonance-sync", version, about, long_about = None)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "RESONANCE_SYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// How log lines on stderr are written; filter them with RUST_LOG.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Poll every mapping on its interval until SIGTERM or SIGINT.
+    Run,
+    /// Drain every unsynced row once, then exit: 0 when all were delivered.
+    Backfill(BackfillArgs),
+    /// Validate the config, connect, prepare every mapping and print one sample event each,
+    /// without sending or marking anything.
+    Check,
+    /// Per mapping: backlog, rows retrying, dead letters, oldest unsynced row, last success.
+    Status,
+    /// List, retry or purge the rows that could not be delivered.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+    /// A local stand-in for the Resonance API, for trying the daemon before production.
+    Sandbox(SandboxArgs),
+}
+
+/// Flags of `backfill`.
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// Only this mapping.
+    #[arg(long)]
+    pub mapping: Option<String>,
+}
+
+/// The `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// One line per dead letter: mapping, key, attempts, last status, reason, when.
+    List {
+        #[arg(long)]
+        mapping: Option<String>,
+        /// Also show purged dead letters.
+        #[arg(long)]
+        purged: bool,
+    },
+    /// Put dead letters back in line: the next run or backfill sends them.
+    Retry(Selection),
+    /// Forget dead letters: the rows stay unsynced and excluded until retried by key.
+    Purge(Selection),
+}
+
+/// Which dead letters a command acts on.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Selection {
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// Every dead letter of this mapping.
+    #[arg(long)]
+    pub mapping: Option<String>,
+    /// The dead letter with this row key (in every mapping that has it).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+/// Flags of `sandbox`.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Refuse events whose brandId differs (403).
+    #[arg(long, env = "RESONANCE_BRAND_ID")]
+    pub brand_id: Option<String>,
+    /// Share of valid requests answered 500, from 0 to 1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub fail_rate: f64,
+    /// Delay before each answer, e.g. 20ms.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Do not print accepted events.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("'{text}' is not a share between 0 and 1")),
+    }
+}

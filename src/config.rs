@@ -1,0 +1,672 @@
+//! The configuration file: strict TOML parsed once into typed values.
+//!
+//! Parsing collects every problem (unknown keys, bad durations, missing values) and reports them
+//! together, each naming its section or mapping. Secrets come from the environment or a file,
+//! never from the TOML itself, and are held as [`Secret`]s.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::retry::{default_run_schedule, RetryPolicy, Schedule};
+use crate::secret::Secret;
+
+/// The default production endpoint of the Resonance API.
+pub const DEFAULT_ENDPOINT: &str = "https://api.rsnc.network/resonance-api/manual-event";
+/// Where the config is read from when neither `--config` nor `RESONANCE_SYNC_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/resonance-sync/config.toml";
+/// The credential name looked up in `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+pub const CREDENTIAL_NAME: &str = "resonance-api-key";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub resonance: ResonanceConfig,
+    pub mappings: Vec<MappingConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where the rows live and how the daemon holds them.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// The libpq-style URL; it may hold a password, hence a secret.
+    pub url: Secret,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// How long a claim on a row lasts without being renewed: a crashed instance's rows come
+    /// back after at most this long.
+    pub claim_lease: Duration,
+}
+
+/// Where events go and how hard to try.
+#[derive(Debug, Clone)]
+pub struct ResonanceConfig {
+    pub endpoint: reqwest::Url,
+    pub brand_id: String,
+    /// `None` when no key was supplied; `run` and `backfill` refuse to start without one.
+    pub api_key: Option<Secret>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// The durable schedule `run` follows; a row that exhausts it becomes a dead letter.
+    pub run_retry: RetryPolicy,
+    /// The in-run schedule `backfill` follows before it reports a row as left.
+    pub backfill_retry: RetryPolicy,
+    /// The longest wait a `Retry-After` header can impose.
+    pub retry_after_max: Duration,
+}
+
+/// One SQL mapping: which rows to read and how they become events.
+#[derive(Debug, Clone)]
+pub struct MappingConfig {
+    pub name: String,
+    pub event_type: String,
+    pub interval: Duration,
+    pub batch_size: usize,
+    pub key: String,
+    pub email: String,
+    pub email_fallback: Option<String>,
+    pub query: String,
+    pub mark_synced: String,
+    /// JSON field name → column name, in file order; `None` means every column but the email.
+    pub metadata: Option<Vec<(String, String)>>,
+    pub notify_channel: Option<String>,
+}
+
+/// The optional Prometheus and health endpoint.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
+}
+
+/// Values from the environment that take precedence over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub database_url: Option<String>,
+    pub brand_id: Option<String>,
+    pub api_key: Option<String>,
+    pub credentials_directory: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Reads `DATABASE_URL`, `RESONANCE_BRAND_ID`, `RESONANCE_API_KEY` and
+    /// `CREDENTIALS_DIRECTORY`; empty values count as unset.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Overrides {
+            database_url: var("DATABASE_URL"),
+            brand_id: var("RESONANCE_BRAND_ID"),
+            api_key: var("RESONANCE_API_KEY"),
+            credentials_directory: var("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
+}
+
+/// Every problem found in a config file, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration in {}:", self.path.display())?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    resonance: RawResonance,
+    #[serde(default)]
+    mapping: Vec<RawMapping>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    pool_size: Option<usize>,
+    connect_timeout: Option<String>,
+    claim_lease: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResonance {
+    endpoint: Option<String>,
+    brand_id: Option<String>,
+    api_key_file: Option<PathBuf>,
+    concurrency: Option<usize>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    max_attempts: Option<u32>,
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+    retry_schedule: Option<Vec<String>>,
+    retry_after_max: Option<String>,
+    allow_insecure_http: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMapping {
+    name: Option<String>,
+    event_type: Option<String>,
+    interval: Option<String>,
+    batch_size: Option<usize>,
+    key: Option<String>,
+    email: Option<String>,
+    email_fallback: Option<String>,
+    query: Option<String>,
+    mark_synced: Option<String>,
+    metadata: Option<toml::Table>,
+    notify_channel: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+const TOP_KEYS: &[&str] = &["database", "resonance", "mapping", "metrics"];
+const DATABASE_KEYS: &[&str] = &["url", "pool_size", "connect_timeout", "claim_lease"];
+const RESONANCE_KEYS: &[&str] = &[
+    "endpoint",
+    "brand_id",
+    "api_key_file",
+    "concurrency",
+    "timeout",
+    "connect_timeout",
+    "max_attempts",
+    "backoff_initial",
+    "backoff_max",
+    "retry_schedule",
+    "retry_after_max",
+    "allow_insecure_http",
+];
+const MAPPING_KEYS: &[&str] = &[
+    "name",
+    "event_type",
+    "interval",
+    "batch_size",
+    "key",
+    "email",
+    "email_fallback",
+    "query",
+    "mark_synced",
+    "metadata",
+    "notify_channel",
+];
+const METRICS_KEYS: &[&str] = &["listen"];
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let fail = |problem: String| ConfigError {
+        path: path.to_path_buf(),
+        problems: vec![problem],
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    parse(&text, overrides).map_err(|problems| ConfigError {
+        path: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// Parses and validates config text; on failure, every problem found.
+pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![format!("not valid TOML: {}", e.message())])?;
+    let mut problems = unknown_keys(&table);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let raw: RawConfig = match toml::Value::Table(table).try_into() {
+        Ok(raw) => raw,
+        Err(e) => return Err(vec![describe_type_error(&e)]),
+    };
+    let config = validate(raw, overrides, &mut problems);
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(problems),
+    }
+}
+
+fn describe_type_error(error: &toml::de::Error) -> String {
+    error.message().trim().to_string()
+}
+
+fn unknown_keys(table: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    check_keys("top level", table, TOP_KEYS, &mut problems);
+    for (section, keys) in [
+        ("database", DATABASE_KEYS),
+        ("resonance", RESONANCE_KEYS),
+        ("metrics", METRICS_KEYS),
+    ] {
+        if let Some(toml::Value::Table(inner)) = table.get(section) {
+            check_keys(&format!("[{section}]"), inner, keys, &mut problems);
+        }
+    }
+    if let Some(toml::Value::Array(mappings)) = table.get("mapping") {
+        for (index, mapping) in mappings.iter().enumerate() {
+            if let toml::Value::Table(inner) = mapping {
+                let label = match inner.get("name").and_then(|v| v.as_str()) {
+                    Some(name) => format!("mapping '{name}'"),
+                    None => format!("mapping #{}", index + 1),
+                };
+                check_keys(&label, inner, MAPPING_KEYS, &mut problems);
+            }
+        }
+    }
+    problems
+}
+
+fn check_keys(label: &str, table: &toml::Table, known: &[&str], problems: &mut Vec<String>) {
+    for key in table.keys() {
+        if !known.contains(&key.as_str()) {
+            problems.push(format!(
+                "{label}: unknown key '{key}' (known keys: {})",
+                known.join(", ")
+            ));
+        }
+    }
+}
+
+fn validate(raw: RawConfig, overrides: &Overrides, problems: &mut Vec<String>) -> Option<Config> {
+    let database = validate_database(raw.database, overrides, problems);
+    let resonance = validate_resonance(raw.resonance, overrides, problems);
+    if raw.mapping.is_empty() {
+        problems.push("no [[mapping]] defined: add at least one".to_string());
+    }
+    let mut names = HashSet::new();
+    let mut mappings = Vec::new();
+    for (index, mapping) in raw.mapping.into_iter().enumerate() {
+        if let Some(mapping) = validate_mapping(index, mapping, problems) {
+            if !names.insert(mapping.name.clone()) {
+                problems.push(format!(
+                    "mapping '{}': the name is used twice; names must be unique",
+                    mapping.name
+                ));
+            }
+            mappings.push(mapping);
+        }
+    }
+    let metrics = raw.metrics.and_then(|m| match m.listen.parse() {
+        Ok(listen) => Some(MetricsConfig { listen }),
+        Err(_) => {
+            problems.push(format!(
+                "[metrics] listen: '{}' is not an address like 127.0.0.1:9464",
+                m.listen
+            ));
+            None
+        }
+    });
+    Some(Config {
+        database: database?,
+        resonance: resonance?,
+        mappings,
+        metrics,
+    })
+}
+
+fn validate_database(
+    raw: RawDatabase,
+    overrides: &Overrides,
+    problems: &mut Vec<String>,
+) -> Option<DatabaseConfig> {
+    let url = overrides.database_url.clone().or(raw.url);
+    let pool_size = raw.pool_size.unwrap_or(8);
+    if !(1..=256).contains(&pool_size) {
+        problems.push(format!(
+            "[database] pool_size: {pool_size} is out of range (1 to 256)"
+        ));
+    }
+    let connect_timeout = duration(
+        "[database] connect_timeout",
+        raw.connect_timeout.clone(),
+        "5s",
+        problems,
+    );
+    let claim_lease = duration("[database] claim_lease", raw.claim_lease, "30s", problems);
+    if claim_lease.is_some_and(|d| d < Duration::from_secs(2)) {
+        problems.push("[database] claim_lease: must be at least 2s".to_string());
+    }
+    let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+        problems
+            .push("[database] url: not set (set it in the file or in DATABASE_URL)".to_string());
+        return None;
+    };
+    Some(DatabaseConfig {
+        url: Secret::new(url),
+        pool_size,
+        connect_timeout: connect_timeout?,
+        claim_lease: claim_lease?,
+    })
+}
+
+fn validate_resonance(
+    raw: RawResonance,
+    overrides: &Overrides,
+    problems: &mut Vec<String>,
+) -> Option<ResonanceConfig> {
+    let retry = validate_retry(&raw, problems);
+    let endpoint = validate_endpoint(
+        raw.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT),
+        raw.allow_insecure_http.unwrap_or(false),
+        problems,
+    );
+    let brand_id = overrides.brand_id.clone().or(raw.brand_id);
+    let brand_id = match brand_id.filter(|b| !b.trim().is_empty()) {
+        Some(brand) => Some(brand.trim().to_string()),
+        None => {
+            problems.push(
+                "[resonance] brand_id: not set (set it in the file or in RESONANCE_BRAND_ID)"
+                    .to_string(),
+            );
+            None
+        }
+    };
+    let api_key = load_api_key(overrides, raw.api_key_file.as_deref(), problems);
+    let concurrency = raw.concurrency.unwrap_or(16);
+    if !(1..=1024).contains(&concurrency) {
+        problems.push(format!(
+            "[resonance] concurrency: {concurrency} is out of range (1 to 1024)"
+        ));
+    }
+    let timeout = duration("[resonance] timeout", raw.timeout.clone(), "10s", problems);
+    let connect_timeout = duration(
+        "[resonance] connect_timeout",
+        raw.connect_timeout.clone(),
+        "5s",
+        problems,
+    );
+    Some(ResonanceConfig {
+        endpoint: endpoint?,
+        brand_id: brand_id?,
+        api_key,
+        concurrency,
+        timeout: timeout?,
+        connect_timeout: connect_timeout?,
+        run_retry: retry.as_ref()?.0.clone(),
+        backfill_retry: retry.as_ref()?.1.clone(),
+        retry_after_max: retry?.2,
+    })
+}
+
+/// Builds the `run` and `backfill` policies and the `Retry-After` cap.
+///
+/// `backfill` always uses the exponential `backoff_initial`/`backoff_max`/`max_attempts`
+/// schedule. `run` uses `retry_schedule` when given; else, when any of the three exponential
+/// keys is set, the same exponential schedule; else the default schedule of hours.
+fn validate_retry(
+    raw: &RawResonance,
+    problems: &mut Vec<String>,
+) -> Option<(RetryPolicy, RetryPolicy, Duration)> {
+    let initial = duration(
+        "[resonance] backoff_initial",
+        raw.backoff_initial.clone(),
+        "1s",
+        problems,
+    );
+    let max = duration(
+        "[resonance] backoff_max",
+        raw.backoff_max.clone(),
+        "5m",
+        problems,
+    );
+    let retry_after_max = duration(
+        "[resonance] retry_after_max",
+        raw.retry_after_max.clone(),
+        "5m",
+        problems,
+    );
+    let max_attempts = raw.max_attempts.unwrap_or(5);
+    if max_attempts == 0 || max_attempts > 1000 {
+        problems.push(format!(
+            "[resonance] max_attempts: {max_attempts} is out of range (1 to 1000)"
+        ));
+    }
+    let schedule = raw.retry_schedule.as_ref().map(|entries| {
+        entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
+                duration(
+                    &format!("[resonance] retry_schedule[{i}]"),
+                    Some(entry.clone()),
+                    "",
+                    problems,
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    let (initial, max) = (initial?, max?);
+    if initial > max {
+        problems.push(format!(
+            "[resonance] backoff_initial ({}) is longer than backoff_max ({})",
+            humantime::format_duration(initial),
+            humantime::format_duration(max)
+        ));
+    }
+    let exponential = RetryPolicy {
+        max_attempts,
+        schedule: Schedule::Exponential { initial, max },
+    };
+    let exponential_set =
+        raw.max_attempts.is_some() || raw.backoff_initial.is_some() || raw.backoff_max.is_some();
+    let run = match schedule {
+        Some(waits) if waits.is_empty() => exponential.clone(),
+        Some(waits) => RetryPolicy {
+            max_attempts: raw.max_attempts.unwrap_or(waits.len() as u32 + 1),
+            schedule: Schedule::Fixed(waits),
+        },
+        None if exponential_set => exponential.clone(),
+        None => {
+            let waits = default_run_schedule();
+            RetryPolicy {
+                max_attempts: waits.len() as u32 + 1,
+                schedule: Schedule::Fixed(waits),
+            }
+        }
+    };
+    Some((run, exponential, retry_after_max?))
+}
+
+fn validate_endpoint(
+    text: &str,
+    allow_insecure_http: bool,
+    problems: &mut Vec<String>,
+) -> Option<reqwest::Url> {
+    let url = match reqwest::Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            problems.push(format!(
+                "[resonance] endpoint: '{text}' is not a valid URL ({e})"
+            ));
+            return None;
+        }
+    };
+    match url.scheme() {
+        "https" => Some(url),
+        "http" if allow_insecure_http || is_loopback_host(&url) => Some(url),
+        "http" => {
+            problems.push(format!(
+                "[resonance] endpoint: '{text}' uses plain http to a non-loopback host, which \
+                 would send the API key and customer emails unencrypted; use https, or set \
+                 allow_insecure_http = true if a TLS proxy sits in between"
+            ));
+            None
+        }
+        other => {
+            problems.push(format!(
+                "[resonance] endpoint: scheme '{other}' is not supported (use https)"
+            ));
+            None
+        }
+    }
+}
+
+fn is_loopback_host(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn load_api_key(
+    overrides: &Overrides,
+    api_key_file: Option<&Path>,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    if let Some(key) = &overrides.api_key {
+        return Some(Secret::new(key.trim()));
+    }
+    let credential = overrides
+        .credentials_directory
+        .as_ref()
+        .map(|dir| dir.join(CREDENTIAL_NAME))
+        .filter(|path| path.exists());
+    let path = api_key_file.map(Path::to_path_buf).or(credential)?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim())),
+        Ok(_) => {
+            problems.push(format!(
+                "[resonance] api_key_file: {} is empty",
+                path.display()
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!(
+                "[resonance] api_key_file: cannot read {}: {e}",
+                path.display()
+            ));
+            None
+        }
+    }
+}
+
+fn validate_mapping(
+    index: usize,
+    raw: RawMapping,
+    problems: &mut Vec<String>,
+) -> Option<MappingConfig> {
+    let label = match &raw.name {
+        Some(name) => format!("mapping '{name}'"),
+        None => format!("mapping #{}", index + 1),
+    };
+    let before = problems.len();
+    let mut required = |field: &str, value: Option<String>| -> String {
+        match value.filter(|v| !v.trim().is_empty()) {
+            Some(v) => v,
+            None => {
+                problems.push(format!("{label}: '{field}' is required"));
+                String::new()
+            }
+        }
+    };
+    let name = required("name", raw.name);
+    let event_type = required("event_type", raw.event_type);
+    let key = required("key", raw.key);
+    let email = required("email", raw.email);
+    let query = required("query", raw.query);
+    let mark_synced = required("mark_synced", raw.mark_synced);
+    if !name.is_empty()
+        && !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problems.push(format!(
+            "{label}: the name may hold only letters, digits, '_' and '-'"
+        ));
+    }
+    if !mark_synced.is_empty() && !mark_synced.contains("$1") {
+        problems.push(format!(
+            "{label}: mark_synced must use $1, the array of delivered keys (e.g. WHERE id = ANY($1))"
+        ));
+    }
+    let interval = duration(&format!("{label}: interval"), raw.interval, "30s", problems);
+    if interval.is_some_and(|d| d.is_zero()) {
+        problems.push(format!("{label}: interval must be longer than 0s"));
+    }
+    let batch_size = raw.batch_size.unwrap_or(500);
+    if !(1..=10_000).contains(&batch_size) {
+        problems.push(format!(
+            "{label}: batch_size {batch_size} is out of range (1 to 10000)"
+        ));
+    }
+    let metadata = raw.metadata.map(|table| {
+        table
+            .into_iter()
+            .filter_map(|(field, column)| match column {
+                toml::Value::String(column) if !column.trim().is_empty() => Some((field, column)),
+                _ => {
+                    problems.push(format!(
+                        "{label}: metadata.{field} must name a column of the query, as a string"
+                    ));
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    if problems.len() > before {
+        return None;
+    }
+    Some(MappingConfig {
+        name,
+        event_type,
+        interval: interval?,
+        batch_size,
+        key,
+        email,
+        email_fallback: raw.email_fallback.filter(|c| !c.trim().is_empty()),
+        query,
+        mark_synced,
+        metadata,
+        notify_channel: raw.notify_channel.filter(|c| !c.trim().is_empty()),
+    })
+}
+
+/// Parses an optional human duration (`"30s"`, `"5m"`, `"1h 30m"`), falling back to `default`.
+fn duration(
+    label: &str,
+    value: Option<String>,
+    default: &str,
+    problems: &mut Vec<String>,
+) -> Option<Duration> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(format!(
+                "{label}: '{text}' is not a duration like \"30s\", \"5m\" or \"2h\" ({e})"
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,207 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[database]
+url = "postgres://postgres@127.0.0.1/crm"
+[resonance]
+brand_id = "brand_test_01"
+[[mapping]]
+name = "orders"
+event_type = "purchase"
+key = "id"
+email = "customer_email"
+query = "SELECT id, customer_email FROM orders WHERE NOT synced"
+mark_synced = "UPDATE orders SET synced = true WHERE id = ANY($1)"
+"#;
+
+fn parse_ok(text: &str) -> Config {
+    match parse(text, &Overrides::default()) {
+        Ok(config) => config,
+        Err(problems) => panic!("expected a valid config, got {problems:#?}"),
+    }
+}
+
+fn problems(text: &str) -> Vec<String> {
+    parse(text, &Overrides::default()).expect_err("expected problems")
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = parse_ok(MINIMAL);
+    assert_eq!(config.resonance.endpoint.as_str(), DEFAULT_ENDPOINT);
+    assert_eq!(config.resonance.concurrency, 16);
+    assert_eq!(config.resonance.timeout, Duration::from_secs(10));
+    assert_eq!(config.resonance.backfill_retry.max_attempts, 5);
+    assert_eq!(config.resonance.run_retry.max_attempts, 8);
+    let mapping = &config.mappings[0];
+    assert_eq!(mapping.interval, Duration::from_secs(30));
+    assert_eq!(mapping.batch_size, 500);
+    assert_eq!(mapping.metadata, None);
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let text = include_str!("../config.example.toml");
+    parse_ok(text);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+[database]
+url = "postgres://x@127.0.0.1/crm"
+colour = "blue"
+[resonance]
+brand_id = "b"
+timeout = "ten seconds"
+[[mapping]]
+name = "orders"
+event_type = "purchase"
+key = "id"
+email = "e"
+interval = "soon"
+query = "SELECT 1"
+mark_synced = "UPDATE t SET s = true"
+[[mapping]]
+name = "signups"
+"#;
+    // Unknown keys are reported first, alone, since the rest may depend on them.
+    let found = problems(text);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].contains("[database]: unknown key 'colour'"),
+        "{found:#?}"
+    );
+
+    let found = problems(&text.replace("colour = \"blue\"\n", ""));
+    let joined = found.join("\n");
+    assert!(
+        joined.contains("[resonance] timeout: 'ten seconds' is not a duration"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("mapping 'orders': interval: 'soon' is not a duration"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("mapping 'orders': mark_synced must use $1"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("mapping 'signups': 'event_type' is required"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("mapping 'signups': 'query' is required"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn unknown_keys_in_a_mapping_name_the_mapping() {
+    let text = MINIMAL.replace("key = \"id\"", "key = \"id\"\nemial = \"x\"");
+    let found = problems(&text);
+    assert!(
+        found[0].starts_with("mapping 'orders': unknown key 'emial'"),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let overrides = Overrides {
+        database_url: Some("postgres://other@127.0.0.1/other".into()),
+        brand_id: Some("brand_env".into()),
+        api_key: Some("sk_test_123".into()),
+        credentials_directory: None,
+    };
+    let config = parse(MINIMAL, &overrides).unwrap();
+    assert_eq!(
+        config.database.url.expose(),
+        "postgres://other@127.0.0.1/other"
+    );
+    assert_eq!(config.resonance.brand_id, "brand_env");
+    assert_eq!(
+        config.resonance.api_key.as_ref().map(Secret::expose),
+        Some("sk_test_123")
+    );
+}
+
+#[test]
+fn plain_http_is_refused_unless_loopback_or_allowed() {
+    let remote = MINIMAL.replace(
+        "[resonance]",
+        "[resonance]\nendpoint = \"http://api.example.com/e\"",
+    );
+    let found = problems(&remote);
+    assert!(
+        found[0].contains("plain http to a non-loopback host"),
+        "{found:#?}"
+    );
+    let allowed = remote.replace("[resonance]", "[resonance]\nallow_insecure_http = true");
+    parse_ok(&allowed);
+    let loopback = MINIMAL.replace(
+        "[resonance]",
+        "[resonance]\nendpoint = \"http://127.0.0.1:8080/e\"",
+    );
+    parse_ok(&loopback);
+}
+
+#[test]
+fn retry_policies_follow_the_keys_set() {
+    let config = parse_ok(&MINIMAL.replace(
+        "[resonance]",
+        "[resonance]\nmax_attempts = 3\nbackoff_initial = \"2s\"",
+    ));
+    assert_eq!(config.resonance.run_retry, config.resonance.backfill_retry);
+    assert_eq!(config.resonance.run_retry.max_attempts, 3);
+    let config = parse_ok(&MINIMAL.replace(
+        "[resonance]",
+        "[resonance]\nretry_schedule = [\"1s\", \"1m\"]",
+    ));
+    assert_eq!(config.resonance.run_retry.max_attempts, 3);
+    assert_eq!(
+        config.resonance.run_retry.delay_after(2),
+        Duration::from_secs(60)
+    );
+}
+
+#[test]
+fn metadata_keeps_file_order() {
+    let text = MINIMAL.to_string() + "[mapping.metadata]\norder_id = \"id\"\norder_value = \"total\"\ncurrency = \"currency\"\n";
+    let config = parse_ok(&text);
+    let fields: Vec<&str> = config.mappings[0]
+        .metadata
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(f, _)| f.as_str())
+        .collect();
+    assert_eq!(fields, vec!["order_id", "order_value", "currency"]);
+}
+
+#[test]
+fn api_key_comes_from_a_file_or_a_credential() {
+    let dir = std::env::temp_dir().join(format!("rs-cred-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(CREDENTIAL_NAME), "sk_from_credential\n").unwrap();
+    let overrides = Overrides {
+        credentials_directory: Some(dir.clone()),
+        ..Overrides::default()
+    };
+    let config = parse(MINIMAL, &overrides).unwrap();
+    assert_eq!(
+        config.resonance.api_key.unwrap().expose(),
+        "sk_from_credential"
+    );
+    let missing = MINIMAL.replace(
+        "[resonance]",
+        "[resonance]\napi_key_file = \"/nonexistent/key\"",
+    );
+    let found = problems(&missing);
+    assert!(
+        found[0].contains("cannot read /nonexistent/key"),
+        "{found:#?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,62 @@
+//! Errors at the database boundary, described for a human and classified for the loops.
+
+/// A database failure: the server refused a statement, or could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A statement failed or the connection broke.
+    #[error("{}", DbError::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be had from the pool.
+    #[error("cannot get a database connection: {0}")]
+    Pool(String),
+    /// Anything else, already described.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(e) => DbError::Postgres(e),
+            other => DbError::Pool(describe_pool_error(&other)),
+        }
+    }
+}
+
+fn describe_pool_error(error: &deadpool_postgres::PoolError) -> String {
+    use deadpool_postgres::PoolError;
+    match error {
+        PoolError::Timeout(_) => "timed out waiting for a connection".to_string(),
+        PoolError::Backend(e) => DbError::describe(e),
+        PoolError::Closed => "the pool is closed".to_string(),
+        PoolError::NoRuntimeSpecified => "no runtime for the pool timeouts".to_string(),
+        PoolError::PostCreateHook(e) => format!("connection set-up failed: {e}"),
+    }
+}
+
+impl DbError {
+    /// A one-line description of a driver error: the server's message with its detail and hint
+    /// where there is one, else the connection problem with its cause.
+    pub fn describe(error: &tokio_postgres::Error) -> String {
+        if let Some(db) = error.as_db_error() {
+            let mut text = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            return text;
+        }
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !text.contains(&cause_text) {
+                text.push_str(&format!(": {cause_text}"));
+            }
+            source = cause.source();
+        }
+        text
+    }
+}

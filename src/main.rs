@@ -1,0 +1,50 @@
+//! The `resonance-sync` binary: parse the command line, set up logging, load the config,
+//! dispatch, and turn errors into exit codes. Nothing else.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use resonance_sync::app::{self, AppError};
+use resonance_sync::cli::{Cli, Command};
+use resonance_sync::config::{self, Overrides};
+use resonance_sync::{admin, shutdown, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(70);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code() as u8)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), AppError> {
+    if let Command::Sandbox(args) = cli.command {
+        return app::sandbox(args).await;
+    }
+    let mut config = config::load(&cli.config, &Overrides::from_env())
+        .map_err(|e| AppError::Config(e.to_string()))?;
+    match cli.command {
+        Command::Run => app::run(&config, shutdown::on_signal()).await,
+        Command::Backfill(args) => {
+            app::select_mappings(&mut config, args.mapping.as_deref())?;
+            app::backfill(&config, shutdown::on_signal())
+                .await
+                .map(|_| ())
+        }
+        Command::Check => app::check(&config).await,
+        Command::Status => admin::status(&config).await,
+        Command::DeadLetters(command) => admin::dead_letters(&config, command).await,
+        Command::Sandbox(_) => Ok(()),
+    }
+}

@@ -1,0 +1,351 @@
+//! What happens after an attempt: mark, retry later, dead-letter or release.
+//!
+//! This is the one place where a row is marked synced, and it is only ever asked to for a row
+//! whose attempt came back 2xx. Marks are batched (one transaction marks the CRM rows and
+//! forgets their state) but flushed within milliseconds, never at the end of a long run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::gate::{Transition, Trouble};
+use crate::mapping::Unsendable;
+use crate::retry::next_wait;
+use crate::sink::{truncate, Attempt, Outcome};
+use crate::store::{self, Claim, Failure};
+use crate::sync::{Lane, Mode, Shared};
+
+/// Most keys marked in one statement.
+const MARK_BATCH: usize = 500;
+/// Longest a delivered row waits for its mark.
+const MARK_DELAY: Duration = Duration::from_millis(25);
+
+/// One thing the recorder must write down.
+#[derive(Debug)]
+pub enum Record {
+    /// An attempt was made.
+    Attempted {
+        claim: Claim,
+        masked_email: String,
+        attempt: Attempt,
+    },
+    /// The row cannot be sent.
+    Unsendable(Unsendable),
+    /// Claimed rows that were not attempted (shutdown, a paused API, synced meanwhile).
+    Release(Vec<String>),
+}
+
+impl Record {
+    /// How many claimed rows this record settles.
+    fn rows(&self) -> usize {
+        match self {
+            Record::Release(keys) => keys.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// Writes the outcomes of one mapping until every sender is gone.
+pub async fn record(shared: Arc<Shared>, lane: Arc<Lane>, mut records: mpsc::Receiver<Record>) {
+    let mut delivered: Vec<String> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let flush_due = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = records.recv() => match received {
+                Some(Record::Attempted { claim, attempt, .. })
+                    if matches!(attempt.outcome, Outcome::Delivered { .. }) =>
+                {
+                    note_answer(&shared, &lane, &attempt, &claim.key);
+                    delivered.push(claim.key);
+                    deadline.get_or_insert_with(|| Instant::now() + MARK_DELAY);
+                    if delivered.len() >= MARK_BATCH {
+                        flush(&shared, &lane, &mut delivered).await;
+                        deadline = None;
+                    }
+                }
+                Some(other) => {
+                    let rows = other.rows();
+                    settle(&shared, &lane, other).await;
+                    lane.finish(rows);
+                }
+                None => break,
+            },
+            _ = flush_due => {
+                flush(&shared, &lane, &mut delivered).await;
+                deadline = None;
+            }
+        }
+    }
+    flush(&shared, &lane, &mut delivered).await;
+}
+
+fn note_answer(shared: &Shared, lane: &Lane, attempt: &Attempt, key: &str) {
+    tracing::debug!(
+        mapping = %lane.name(), key, status = ?status_of(&attempt.outcome),
+        duration_ms = attempt.elapsed.as_millis() as u64, "delivered"
+    );
+    crate::telemetry::observe_request(lane.name(), attempt.elapsed);
+    log_transition(lane.name(), shared.gate.answered());
+}
+
+/// Marks delivered rows synced and forgets their state, in one transaction.
+async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
+    if delivered.is_empty() {
+        return;
+    }
+    let keys = std::mem::take(delivered);
+    let count = keys.len();
+    match mark(shared, lane, &keys).await {
+        Ok(updated) => {
+            lane.mark_succeeded();
+            lane.stats.add_delivered(count as u64);
+            crate::telemetry::count_event(lane.name(), "delivered", count as u64);
+            if updated < count as u64 {
+                tracing::warn!(
+                    mapping = %lane.name(), delivered = count, updated,
+                    "mark_synced updated fewer rows than were delivered; check that it \
+                     matches the key column"
+                );
+            }
+        }
+        Err(error) => {
+            let pause = lane.mark_failed();
+            tracing::error!(
+                mapping = %lane.name(), rows = count, %error, pause_s = pause.as_secs(),
+                "marking delivered rows synced failed; they stay unsynced and will be sent \
+                 again with the same Idempotency-Key"
+            );
+            lane.stats.set_error(format!("mark_synced failed: {error}"));
+            if let Err(error) = release(shared, lane, &keys).await {
+                tracing::warn!(mapping = %lane.name(), %error, "releasing claims failed; they expire with their lease");
+            }
+        }
+    }
+    lane.finish(count);
+}
+
+async fn mark(shared: &Shared, lane: &Lane, keys: &[String]) -> Result<u64, crate::error::DbError> {
+    let mut client = shared.pool.get().await?;
+    let transaction = client.transaction().await?;
+    let updated = lane.source.mark_synced(&transaction, keys).await?;
+    store::forget(&transaction, lane.name(), keys).await?;
+    transaction.commit().await?;
+    Ok(updated)
+}
+
+async fn release(
+    shared: &Shared,
+    lane: &Lane,
+    keys: &[String],
+) -> Result<(), crate::error::DbError> {
+    let client = shared.pool.get().await?;
+    store::release(&client, lane.name(), keys, shared.instance).await
+}
+
+/// Writes down everything but a delivery.
+async fn settle(shared: &Shared, lane: &Lane, record: Record) {
+    let result = match record {
+        Record::Release(keys) => release(shared, lane, &keys).await,
+        Record::Unsendable(row) => {
+            tracing::warn!(mapping = %lane.name(), key = %row.key, reason = %row.reason, detail = %row.detail, "row cannot be sent; dead-lettered");
+            let failure = Failure {
+                key: row.key,
+                attempts: 0,
+                status: None,
+                error: row.detail,
+            };
+            dead_letter(shared, lane, &failure, &row.reason).await
+        }
+        Record::Attempted {
+            claim,
+            masked_email,
+            attempt,
+        } => {
+            crate::telemetry::observe_request(lane.name(), attempt.elapsed);
+            attempted(shared, lane, claim, &masked_email, attempt).await
+        }
+    };
+    if let Err(error) = result {
+        tracing::warn!(mapping = %lane.name(), %error, "recording an outcome failed; the row's claim expires with its lease and it is tried again");
+    }
+}
+
+async fn attempted(
+    shared: &Shared,
+    lane: &Lane,
+    claim: Claim,
+    email: &str,
+    attempt: Attempt,
+) -> Result<(), crate::error::DbError> {
+    let attempts = claim.attempts + 1;
+    let duration_ms = attempt.elapsed.as_millis() as u64;
+    match attempt.outcome {
+        Outcome::Delivered { .. } => unreachable_delivered(),
+        Outcome::Rejected { status, body } => {
+            log_transition(lane.name(), shared.gate.answered());
+            tracing::warn!(mapping = %lane.name(), key = %claim.key, email, attempt = attempts, status, duration_ms, body = %truncate(&body, 300), "the API rejected the event; dead-lettered");
+            let failure = Failure {
+                key: claim.key,
+                attempts,
+                status: Some(status),
+                error: body,
+            };
+            dead_letter(shared, lane, &failure, "rejected_by_api").await
+        }
+        Outcome::Refused { status, body } => {
+            let message = refused_message(status, &body);
+            if shared.mode == Mode::Backfill {
+                shared.fail(message.clone());
+            }
+            if let Some(transition) = shared.gate.refused(status) {
+                log_transition(lane.name(), Some(transition));
+            }
+            lane.stats.set_error(message);
+            release(shared, lane, &[claim.key]).await
+        }
+        Outcome::Retry {
+            status,
+            retry_after,
+            error,
+        } => {
+            log_transition(lane.name(), shared.gate.failed());
+            lane.stats.set_error(error.clone());
+            let failure = Failure {
+                key: claim.key,
+                attempts,
+                status,
+                error,
+            };
+            retry_or_give_up(shared, lane, failure, retry_after, email, duration_ms).await
+        }
+    }
+}
+
+fn unreachable_delivered() -> Result<(), crate::error::DbError> {
+    // Deliveries are batched by `record` before `settle` is reached.
+    Ok(())
+}
+
+async fn retry_or_give_up(
+    shared: &Shared,
+    lane: &Lane,
+    failure: Failure,
+    retry_after: Option<Duration>,
+    email: &str,
+    duration_ms: u64,
+) -> Result<(), crate::error::DbError> {
+    let settings = &shared.settings;
+    if !settings.run_retry.allows_another(failure.attempts) {
+        tracing::warn!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = ?failure.status, error = %failure.error, "attempts exhausted; dead-lettered");
+        return dead_letter(shared, lane, &failure, "attempts_exhausted").await;
+    }
+    let unit = rand::random::<f64>();
+    let (wait, in_run) = match shared.mode {
+        Mode::Run => (
+            next_wait(
+                &settings.run_retry,
+                failure.attempts,
+                retry_after,
+                settings.retry_after_max,
+                unit,
+            ),
+            true,
+        ),
+        Mode::Backfill => {
+            let tries = lane.count_run_attempt(&failure.key);
+            if settings.backfill_retry.allows_another(tries) {
+                (
+                    next_wait(
+                        &settings.backfill_retry,
+                        tries,
+                        retry_after,
+                        settings.retry_after_max,
+                        unit,
+                    ),
+                    true,
+                )
+            } else {
+                lane.give_up(&failure.key);
+                (
+                    next_wait(
+                        &settings.run_retry,
+                        failure.attempts,
+                        retry_after,
+                        settings.retry_after_max,
+                        unit,
+                    ),
+                    false,
+                )
+            }
+        }
+    };
+    tracing::info!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = ?failure.status, duration_ms, retry_in_ms = wait.as_millis() as u64, error = %failure.error, "attempt failed; will retry");
+    lane.stats.add_retried();
+    crate::telemetry::count_event(lane.name(), "retried", 1);
+    let client = shared.pool.get().await?;
+    store::schedule_retry(&client, lane.name(), shared.instance, &failure, wait).await?;
+    if in_run {
+        lane.expect_retry(Instant::now() + wait);
+    }
+    Ok(())
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    lane: &Lane,
+    failure: &Failure,
+    reason: &str,
+) -> Result<(), crate::error::DbError> {
+    lane.stats.add_dead_lettered();
+    crate::telemetry::count_event(lane.name(), "dead_lettered", 1);
+    let client = shared.pool.get().await?;
+    store::dead_letter(&client, lane.name(), shared.instance, failure, reason).await
+}
+
+fn refused_message(status: u16, body: &str) -> String {
+    let what = match status {
+        401 => "the API refused the API key (HTTP 401): check RESONANCE_API_KEY",
+        403 => "the API refused access (HTTP 403): check the API key and brand_id",
+        300..=399 => {
+            "the endpoint answered with a redirect: set [resonance] endpoint to the final URL"
+        }
+        _ => "the API refused the request",
+    };
+    if body.trim().is_empty() {
+        what.to_string()
+    } else {
+        format!("{what} (response: {})", truncate(body.trim(), 200))
+    }
+}
+
+fn status_of(outcome: &Outcome) -> Option<u16> {
+    match outcome {
+        Outcome::Delivered { status }
+        | Outcome::Rejected { status, .. }
+        | Outcome::Refused { status, .. } => Some(*status),
+        Outcome::Retry { status, .. } => *status,
+    }
+}
+
+fn log_transition(mapping: &str, transition: Option<Transition>) {
+    match transition {
+        Some(Transition::Opened { trouble: Trouble::Outage, pause, pauses }) => tracing::warn!(
+            mapping, pause_s = pause.as_secs_f64(), pauses,
+            "the API keeps failing; pausing sends, then probing with one event"
+        ),
+        Some(Transition::Opened { trouble: Trouble::Refused { status }, pause, .. }) => tracing::error!(
+            mapping, status, pause_s = pause.as_secs_f64(),
+            "the API refuses this daemon's requests; nothing is marked or dead-lettered; retrying slowly"
+        ),
+        Some(Transition::Closed { after_pauses }) => tracing::info!(mapping, after_pauses, "the API is answering again; resuming"),
+        None => {}
+    }
+}

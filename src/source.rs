@@ -1,0 +1,321 @@
+//! The CRM's side: the mapping's own SQL, wrapped to find, fetch and mark rows.
+//!
+//! A mapping's `query` is used as a subquery three ways: to list candidate keys (skipping rows
+//! that are claimed, waiting for a retry or dead-lettered), to fetch the full rows of the keys
+//! this instance claimed, and, through `mark_synced`, to set the sync flag. Nothing here ever
+//! marks a row: [`Source::mark_synced`] is called only with keys that received a 2xx.
+
+use std::time::SystemTime;
+
+use deadpool_postgres::{GenericClient, Pool};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Row;
+
+use crate::config::MappingConfig;
+use crate::error::DbError;
+use crate::mapping::{is_key_type, RowShape, ShapeProblems, KEY_COLUMN};
+use crate::store::SCHEMA;
+
+/// A mapping whose SQL has been checked against the database.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub config: MappingConfig,
+    pub shape: RowShape,
+    candidates_sql: String,
+    fetch_sql: String,
+    count_sql: String,
+    key_type: Type,
+    mark_param: Type,
+}
+
+/// Why a mapping cannot be used, each problem named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingProblems {
+    pub mapping: String,
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for MappingProblems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "mapping '{}': {problem}", self.mapping)?;
+        }
+        Ok(())
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The user's query made fit to be a subquery: no trailing `;`, and a newline so that a
+/// trailing `-- comment` cannot swallow what follows.
+fn subquery(query: &str) -> String {
+    let trimmed = query.trim().trim_end_matches(';').trim_end();
+    format!("({trimmed}\n)")
+}
+
+impl Source {
+    /// Prepares every statement of a mapping, so that bad SQL, a missing column or an
+    /// unsupported type is reported now, with the mapping's name.
+    pub async fn prepare(
+        client: &impl GenericClient,
+        config: &MappingConfig,
+    ) -> Result<Source, MappingProblems> {
+        let fail = |problems: Vec<String>| MappingProblems {
+            mapping: config.name.clone(),
+            problems,
+        };
+        let query = subquery(&config.query);
+        let key = quote_ident(&config.key);
+        let plain = client
+            .prepare(&config.query)
+            .await
+            .map_err(|e| fail(vec![format!("query: {}", DbError::describe(&e))]))?;
+        let key_type = match plain.columns().iter().find(|c| c.name() == config.key) {
+            Some(column) => column.type_().clone(),
+            None => {
+                let names: Vec<&str> = plain.columns().iter().map(|c| c.name()).collect();
+                return Err(fail(vec![format!(
+                    "the query returns no key column '{}' (it returns: {})",
+                    config.key,
+                    names.join(", ")
+                )]));
+            }
+        };
+        if !is_key_type(&key_type) {
+            return Err(fail(vec![format!(
+                "the key column '{}' has type {}; a key must be an integer, text or uuid",
+                config.key,
+                key_type.name()
+            )]));
+        }
+        let candidates_sql = format!(
+            "SELECT q.{key}::text FROM {query} AS q \
+             WHERE q.{key} IS NOT NULL AND q.{key}::text <> ALL($4::text[]) AND NOT EXISTS ( \
+               SELECT 1 FROM {SCHEMA}.deliveries d \
+               WHERE d.mapping = $1 AND d.row_key = q.{key}::text \
+                 AND (d.dead_at IS NOT NULL OR d.lease_until > now() \
+                      OR (d.next_attempt_at > now() \
+                          AND ($3::timestamptz IS NULL OR d.updated_at >= $3)))) \
+             LIMIT $2"
+        );
+        let fetch_sql = format!(
+            "SELECT q.{key}::text AS {KEY_COLUMN}, q.* FROM {query} AS q \
+             WHERE q.{key} = ANY($1::text[]::{}[])",
+            key_type.name()
+        );
+        let count_sql = format!(
+            "SELECT count(*) FROM {query} AS q WHERE q.{key} IS NOT NULL AND NOT EXISTS ( \
+               SELECT 1 FROM {SCHEMA}.deliveries d \
+               WHERE d.mapping = $1 AND d.row_key = q.{key}::text AND d.dead_at IS NOT NULL)"
+        );
+        let mut problems = Vec::new();
+        for (what, sql) in [("query", &candidates_sql), ("query", &count_sql)] {
+            if let Err(e) = client.prepare(sql).await {
+                problems.push(format!("{what}: {}", DbError::describe(&e)));
+            }
+        }
+        let fetch = client.prepare(&fetch_sql).await;
+        let shape = match &fetch {
+            Ok(statement) => RowShape::locate(
+                statement.columns(),
+                &config.key,
+                &config.email,
+                config.email_fallback.as_deref(),
+                config.metadata.as_deref(),
+            )
+            .map_err(|ShapeProblems(found)| problems.extend(found))
+            .ok(),
+            Err(e) => {
+                problems.push(format!("query: {}", DbError::describe(e)));
+                None
+            }
+        };
+        let mark_param = match client.prepare(&config.mark_synced).await {
+            Ok(statement) => match statement.params() {
+                [param] if KeyArray::supports(param) => Some(param.clone()),
+                [param] => {
+                    problems.push(format!(
+                        "mark_synced: $1 has type {}; it must be an array of the key's type \
+                         (write WHERE {} = ANY($1))",
+                        param.name(),
+                        config.key
+                    ));
+                    None
+                }
+                params => {
+                    problems.push(format!(
+                        "mark_synced: must take exactly one parameter, $1 (it takes {})",
+                        params.len()
+                    ));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.push(format!("mark_synced: {}", DbError::describe(&e)));
+                None
+            }
+        };
+        match (shape, mark_param) {
+            (Some(shape), Some(mark_param)) if problems.is_empty() => Ok(Source {
+                config: config.clone(),
+                shape,
+                candidates_sql,
+                fetch_sql,
+                count_sql,
+                key_type,
+                mark_param,
+            }),
+            _ => Err(fail(problems)),
+        }
+    }
+
+    /// The type of the mapping's key column.
+    pub fn key_type(&self) -> &Type {
+        &self.key_type
+    }
+
+    /// Keys of up to `limit` rows that are unsynced and free to claim. In backfill mode,
+    /// `backfill_started` makes rows whose wait was set before the backfill began due now, and
+    /// `excluded` are keys this backfill has given up on.
+    pub async fn candidates(
+        &self,
+        client: &impl GenericClient,
+        limit: usize,
+        backfill_started: Option<SystemTime>,
+        excluded: &[String],
+    ) -> Result<Vec<String>, DbError> {
+        let statement = client.prepare_cached(&self.candidates_sql).await?;
+        let limit = limit as i64;
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&self.config.name, &limit, &backfill_started, &excluded];
+        let rows = client.query(&statement, &params).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// The full rows of the given keys that the query still returns (a row synced meanwhile by
+    /// another instance is not returned).
+    pub async fn fetch(
+        &self,
+        client: &impl GenericClient,
+        keys: &[String],
+    ) -> Result<Vec<Row>, DbError> {
+        let statement = client.prepare_cached(&self.fetch_sql).await?;
+        Ok(client.query(&statement, &[&keys]).await?)
+    }
+
+    /// Rows still to deliver: unsynced and not dead-lettered.
+    pub async fn backlog(&self, client: &impl GenericClient) -> Result<i64, DbError> {
+        let statement = client.prepare_cached(&self.count_sql).await?;
+        Ok(client
+            .query_one(&statement, &[&self.config.name])
+            .await?
+            .get(0))
+    }
+
+    /// Runs the mapping's `mark_synced` for keys that each received a 2xx.
+    pub async fn mark_synced(
+        &self,
+        client: &impl GenericClient,
+        delivered: &[String],
+    ) -> Result<u64, DbError> {
+        let keys = KeyArray::parse(&self.mark_param, delivered)?;
+        let statement = client.prepare_cached(&self.config.mark_synced).await?;
+        Ok(client.execute(&statement, &[keys.as_param()]).await?)
+    }
+}
+
+/// Delivered keys typed for `mark_synced`'s `$1`.
+#[derive(Debug)]
+pub enum KeyArray {
+    Int2(Vec<i16>),
+    Int4(Vec<i32>),
+    Int8(Vec<i64>),
+    Text(Vec<String>),
+    Uuid(Vec<uuid::Uuid>),
+}
+
+impl KeyArray {
+    /// Whether `$1` of this type can be bound.
+    pub fn supports(ty: &Type) -> bool {
+        [
+            Type::INT2_ARRAY,
+            Type::INT4_ARRAY,
+            Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::VARCHAR_ARRAY,
+            Type::BPCHAR_ARRAY,
+            Type::UUID_ARRAY,
+        ]
+        .contains(ty)
+    }
+
+    /// Converts keys (as PostgreSQL printed them) to the parameter's type.
+    pub fn parse(ty: &Type, keys: &[String]) -> Result<KeyArray, DbError> {
+        fn all<T: std::str::FromStr>(keys: &[String]) -> Result<Vec<T>, DbError> {
+            keys.iter()
+                .map(|k| {
+                    k.parse().map_err(|_| {
+                        DbError::Other(format!("key '{k}' does not fit mark_synced's $1"))
+                    })
+                })
+                .collect()
+        }
+        Ok(match *ty {
+            Type::INT2_ARRAY => KeyArray::Int2(all(keys)?),
+            Type::INT4_ARRAY => KeyArray::Int4(all(keys)?),
+            Type::INT8_ARRAY => KeyArray::Int8(all(keys)?),
+            Type::UUID_ARRAY => KeyArray::Uuid(all(keys)?),
+            _ => KeyArray::Text(keys.to_vec()),
+        })
+    }
+
+    fn as_param(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            KeyArray::Int2(v) => v,
+            KeyArray::Int4(v) => v,
+            KeyArray::Int8(v) => v,
+            KeyArray::Text(v) => v,
+            KeyArray::Uuid(v) => v,
+        }
+    }
+}
+
+/// The pool every statement goes through.
+pub type SourcePool = Pool;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subquery_survives_semicolons_and_comments() {
+        assert_eq!(subquery("SELECT 1;  "), "(SELECT 1\n)");
+        assert_eq!(subquery("SELECT 1 -- note"), "(SELECT 1 -- note\n)");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("Order Id"), "\"Order Id\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    #[test]
+    fn keys_are_typed_for_mark_synced() {
+        let keys = vec!["9007199254740993".to_string()];
+        assert!(matches!(
+            KeyArray::parse(&Type::INT8_ARRAY, &keys).unwrap(),
+            KeyArray::Int8(v) if v == vec![9_007_199_254_740_993]
+        ));
+        assert!(KeyArray::parse(&Type::INT4_ARRAY, &keys).is_err());
+        assert!(matches!(
+            KeyArray::parse(&Type::TEXT_ARRAY, &keys).unwrap(),
+            KeyArray::Text(_)
+        ));
+    }
+}

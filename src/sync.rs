@@ -1,0 +1,489 @@
+//! The per-mapping loop: claim a batch, fetch its rows, send them with bounded concurrency,
+//! and hand every outcome to the recorder. `run` polls for ever; `backfill` drains and returns.
+//!
+//! Cancellation is checked before claiming and while waiting, never between a 2xx and its
+//! mark: a request in flight always finishes and is recorded.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::gate::{Admission, Gate};
+use crate::mapping::EventContext;
+use crate::recorder::{record, Record};
+use crate::retry::RetryPolicy;
+use crate::sink::Sink;
+use crate::source::Source;
+use crate::stats::MappingStats;
+use crate::store::{self, Claim};
+
+/// Poll for ever, or drain once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Run,
+    Backfill,
+}
+
+/// The knobs of a sync, taken from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub brand_id: String,
+    pub concurrency: usize,
+    pub claim_lease: Duration,
+    pub run_retry: RetryPolicy,
+    pub backfill_retry: RetryPolicy,
+    pub retry_after_max: Duration,
+}
+
+/// What every mapping's loop shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub pool: Pool,
+    pub sink: Sink,
+    pub settings: Settings,
+    pub mode: Mode,
+    pub gate: Gate,
+    /// Identifies this process's claims.
+    pub instance: uuid::Uuid,
+    /// Requests in flight across all mappings.
+    pub permits: Arc<Semaphore>,
+    /// Cancelled on shutdown, or when a backfill must stop.
+    pub stop: CancellationToken,
+    /// Why a backfill stopped early.
+    pub fatal: Mutex<Option<String>>,
+    /// When this backfill began: rows whose wait was set before then are due now.
+    pub started: SystemTime,
+}
+
+impl Shared {
+    /// Stops a backfill for a reason that no row can fix.
+    pub fn fail(&self, message: String) {
+        if let Ok(mut fatal) = self.fatal.lock() {
+            fatal.get_or_insert(message);
+        }
+        self.stop.cancel();
+    }
+
+    /// The reason a backfill stopped early, if it did.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn backfill_started(&self) -> Option<SystemTime> {
+        (self.mode == Mode::Backfill).then_some(self.started)
+    }
+}
+
+/// One mapping's lane: its source, counters, and the state its loop and recorder share.
+#[derive(Debug)]
+pub struct Lane {
+    pub source: Source,
+    pub stats: Arc<MappingStats>,
+    pub context: EventContext,
+    /// Claimed rows whose outcome is not yet written down.
+    inflight: AtomicUsize,
+    /// Woken when an outcome is written, or a notification arrives.
+    pub wake: Notify,
+    /// When retries this process scheduled fall due.
+    retry_due: Mutex<Vec<Instant>>,
+    /// Backfill: attempts per key within this run, and keys given up on.
+    run_attempts: Mutex<HashMap<String, u32>>,
+    given_up: Mutex<Vec<String>>,
+    mark_failures: AtomicU32,
+}
+
+impl Lane {
+    pub fn new(source: Source, stats: Arc<MappingStats>, brand_id: &str) -> Lane {
+        let context = EventContext {
+            brand_id: brand_id.to_string(),
+            event_type: source.config.event_type.clone(),
+            mapping: source.config.name.clone(),
+        };
+        Lane {
+            source,
+            stats,
+            context,
+            inflight: AtomicUsize::new(0),
+            wake: Notify::new(),
+            retry_due: Mutex::new(Vec::new()),
+            run_attempts: Mutex::new(HashMap::new()),
+            given_up: Mutex::new(Vec::new()),
+            mark_failures: AtomicU32::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.source.config.name
+    }
+
+    /// `rows` claimed rows are settled.
+    pub fn finish(&self, rows: usize) {
+        self.inflight.fetch_sub(rows, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// A retry of a row falls due at `at`: poll then.
+    pub fn expect_retry(&self, at: Instant) {
+        if let Ok(mut due) = self.retry_due.lock() {
+            due.push(at);
+        }
+    }
+
+    /// The earliest retry still to come, and whether any is due within `grace` of now or later.
+    fn next_retry(&self, grace: Duration) -> Option<Instant> {
+        let mut due = self.retry_due.lock().ok()?;
+        let now = Instant::now();
+        due.retain(|at| *at + grace > now);
+        due.iter().min().copied()
+    }
+
+    /// Counts an attempt made on `key` in this backfill; returns the count.
+    pub fn count_run_attempt(&self, key: &str) -> u32 {
+        let Ok(mut attempts) = self.run_attempts.lock() else {
+            return u32::MAX;
+        };
+        let count = attempts.entry(key.to_string()).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    /// This backfill will not try `key` again.
+    pub fn give_up(&self, key: &str) {
+        if let Ok(mut keys) = self.given_up.lock() {
+            keys.push(key.to_string());
+        }
+    }
+
+    fn given_up(&self) -> Vec<String> {
+        self.given_up.lock().map(|k| k.clone()).unwrap_or_default()
+    }
+
+    /// A mark succeeded: the mapping runs freely.
+    pub fn mark_succeeded(&self) {
+        self.mark_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A mark failed: returns how long the mapping pauses before claiming again, so that a
+    /// broken `mark_synced` cannot turn into re-sending the table in a loop.
+    pub fn mark_failed(&self) -> Duration {
+        let failures = self.mark_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        mark_pause(failures)
+    }
+
+    fn mark_pause(&self) -> Duration {
+        mark_pause(self.mark_failures.load(Ordering::Relaxed))
+    }
+}
+
+fn mark_pause(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(2u64.saturating_pow(failures.min(9))).min(Duration::from_secs(300))
+}
+
+/// Runs every lane until `shared.stop` is cancelled (run) or the work is drained (backfill).
+pub async fn sync_all(shared: Arc<Shared>, lanes: Vec<Arc<Lane>>) {
+    let renewer = tokio::spawn(renew_leases(shared.clone()));
+    let mut workers = Vec::new();
+    for lane in lanes {
+        workers.push(tokio::spawn(sync_lane(shared.clone(), lane)));
+    }
+    for worker in workers {
+        if let Err(error) = worker.await {
+            tracing::error!(%error, "a mapping loop ended abnormally");
+        }
+    }
+    renewer.abort();
+}
+
+/// Keeps this process's claims alive while it works on them.
+async fn renew_leases(shared: Arc<Shared>) {
+    let every = shared.settings.claim_lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let result = match shared.pool.get().await {
+            Ok(client) => {
+                store::renew_leases(&client, shared.instance, shared.settings.claim_lease)
+                    .await
+                    .map(|_| ())
+            }
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "renewing claims failed; will try again");
+        }
+    }
+}
+
+/// One mapping: its loop and its recorder.
+async fn sync_lane(shared: Arc<Shared>, lane: Arc<Lane>) {
+    let capacity = lane.source.config.batch_size * 2 + shared.settings.concurrency;
+    let (records, receiver) = mpsc::channel(capacity);
+    let recorder = tokio::spawn(record(shared.clone(), lane.clone(), receiver));
+    poll(&shared, &lane, &records).await;
+    // Requests in flight finish and are recorded; nothing new is claimed.
+    drop(records);
+    if let Err(error) = recorder.await {
+        tracing::error!(mapping = %lane.name(), %error, "the recorder ended abnormally");
+    }
+}
+
+/// What one poll found.
+struct Polled {
+    /// Candidate keys seen: as many as asked means there is probably more.
+    candidates: usize,
+    claimed: usize,
+}
+
+async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Record>) {
+    let config = &lane.source.config;
+    let mut db_failures = 0u32;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let limit = match shared.gate.admit(&shared.stop).await {
+            Admission::Stopped => return,
+            Admission::Probe => 1,
+            Admission::Full => config.batch_size,
+        };
+        // At most one batch waits for senders while another is in flight.
+        while lane.inflight() >= config.batch_size {
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                _ = lane.wake.notified() => {}
+            }
+        }
+        let polled = match poll_once(shared, lane, records, limit).await {
+            Ok(polled) => {
+                db_failures = 0;
+                polled
+            }
+            Err(error) => {
+                db_failures += 1;
+                let wait = db_wait(db_failures, config.interval);
+                tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
+                lane.stats.set_error(format!("database: {error}"));
+                if !sleep_or_stop(&shared.stop, wait).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let pause = lane.mark_pause();
+        if !pause.is_zero() && !sleep_or_stop(&shared.stop, pause).await {
+            return;
+        }
+        if limit == 1 {
+            // A probe: its outcome decides whether the gate closes; wait for it.
+            if polled.claimed > 0 {
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = lane.wake.notified() => {}
+                }
+                continue;
+            }
+        } else if polled.candidates >= limit {
+            continue;
+        }
+        if shared.mode == Mode::Backfill && backfill_done(lane, &polled) && lane.inflight() == 0 {
+            return;
+        }
+        wait_for_more(shared, lane).await;
+    }
+}
+
+fn backfill_done(lane: &Lane, polled: &Polled) -> bool {
+    polled.claimed == 0 && lane.next_retry(Duration::from_secs(2)).is_none()
+}
+
+/// Sleeps until the interval passes, a retry falls due, an outcome is recorded (backfill) or
+/// a notification arrives; returns early on stop.
+async fn wait_for_more(shared: &Shared, lane: &Lane) {
+    let interval = lane.source.config.interval;
+    let mut until = Instant::now() + interval;
+    if let Some(retry) = lane.next_retry(Duration::ZERO) {
+        until = until.min(retry);
+    }
+    let woken = async {
+        if shared.mode == Mode::Backfill || lane.source.config.notify_channel.is_some() {
+            lane.wake.notified().await
+        } else {
+            std::future::pending().await
+        }
+    };
+    tokio::select! {
+        _ = shared.stop.cancelled() => {}
+        _ = tokio::time::sleep_until(until) => {}
+        _ = woken => {}
+    }
+}
+
+/// Claims, fetches and dispatches one batch.
+async fn poll_once(
+    shared: &Arc<Shared>,
+    lane: &Arc<Lane>,
+    records: &mpsc::Sender<Record>,
+    limit: usize,
+) -> Result<Polled, crate::error::DbError> {
+    let name = lane.name();
+    let client = shared.pool.get().await?;
+    let given_up = lane.given_up();
+    let keys = lane
+        .source
+        .candidates(&client, limit, shared.backfill_started(), &given_up)
+        .await?;
+    if keys.is_empty() {
+        refresh_backlog(&client, lane).await;
+        return Ok(Polled {
+            candidates: 0,
+            claimed: 0,
+        });
+    }
+    let claims = store::claim(
+        &client,
+        name,
+        &keys,
+        shared.instance,
+        shared.settings.claim_lease,
+        shared.backfill_started(),
+    )
+    .await?;
+    lane.inflight.fetch_add(claims.len(), Ordering::AcqRel);
+    let claimed: Vec<String> = claims.iter().map(|c| c.key.clone()).collect();
+    let rows = match lane.source.fetch(&client, &claimed).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            // Give the claims back before reporting: they would otherwise wait for their lease.
+            let _ = records.send(Record::Release(claimed)).await;
+            return Err(error);
+        }
+    };
+    drop(client);
+    let polled = Polled {
+        candidates: keys.len(),
+        claimed: claims.len(),
+    };
+    dispatch(shared, lane, records, claims, rows).await;
+    Ok(polled)
+}
+
+async fn refresh_backlog(client: &deadpool_postgres::Client, lane: &Lane) {
+    match lane.source.backlog(client).await {
+        Ok(rows) => {
+            lane.stats.set_backlog(rows);
+            crate::telemetry::set_backlog(lane.name(), rows);
+        }
+        Err(error) => {
+            tracing::debug!(mapping = %lane.name(), %error, "counting the backlog failed")
+        }
+    }
+}
+
+/// Starts a send for each fetched row, as permits allow; rows not sent are released.
+async fn dispatch(
+    shared: &Arc<Shared>,
+    lane: &Arc<Lane>,
+    records: &mpsc::Sender<Record>,
+    claims: Vec<Claim>,
+    rows: Vec<tokio_postgres::Row>,
+) {
+    let mut by_key: HashMap<String, Claim> =
+        claims.into_iter().map(|c| (c.key.clone(), c)).collect();
+    for row in rows {
+        let event = lane.source.shape.event(&lane.context, &row);
+        let key = match &event {
+            Ok(event) => event.key.clone(),
+            Err(unsendable) => unsendable.key.clone(),
+        };
+        // A query that returns a key twice yields one claim; the duplicate row is skipped.
+        let Some(claim) = by_key.remove(&key) else {
+            continue;
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(unsendable) => {
+                let _ = records.send(Record::Unsendable(unsendable)).await;
+                continue;
+            }
+        };
+        let permit = tokio::select! {
+            permit = shared.permits.clone().acquire_owned() => permit,
+            _ = shared.stop.cancelled() => {
+                by_key.insert(claim.key.clone(), claim);
+                break;
+            }
+        };
+        let Ok(permit) = permit else { break };
+        let shared = shared.clone();
+        let records = records.clone();
+        let mapping = lane.name().to_string();
+        tokio::spawn(async move {
+            tracing::trace!(mapping, key = %event.key, "sending");
+            let attempt = shared.sink.send(&event).await;
+            drop(permit);
+            let _ = records
+                .send(Record::Attempted {
+                    claim,
+                    masked_email: event.masked_email,
+                    attempt,
+                })
+                .await;
+        });
+    }
+    // Rows whose turn never came (shutdown), and claims the fetch no longer returned (synced or
+    // deleted meanwhile).
+    let leftover: Vec<String> = by_key.into_keys().collect();
+    if !leftover.is_empty() {
+        let _ = records.send(Record::Release(leftover)).await;
+    }
+}
+
+fn db_wait(failures: u32, interval: Duration) -> Duration {
+    let cap = interval.clamp(Duration::from_secs(1), Duration::from_secs(30));
+    Duration::from_millis(250u64.saturating_mul(2u64.saturating_pow(failures.min(10)))).min(cap)
+}
+
+/// Sleeps for `wait`; false when stopped first.
+pub async fn sleep_or_stop(stop: &CancellationToken, wait: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_waits_grow_but_stay_within_the_interval() {
+        let interval = Duration::from_secs(5);
+        let waits: Vec<u64> = (1..=6)
+            .map(|n| db_wait(n, interval).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        assert_eq!(
+            db_wait(50, Duration::from_secs(3600)),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn a_first_mark_failure_does_not_pause() {
+        assert_eq!(mark_pause(1), Duration::ZERO);
+        assert_eq!(mark_pause(2), Duration::from_secs(4));
+        assert_eq!(mark_pause(30), Duration::from_secs(300));
+    }
+}

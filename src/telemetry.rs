@@ -1,0 +1,69 @@
+//! Logs and metrics: the tracing subscriber, and the metric names this program publishes.
+//!
+//! Metrics go through the `metrics` facade, so that recording costs nothing when no exporter
+//! is installed. Customer emails never become labels; labels are mapping names and outcomes.
+
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with structured fields.
+    Json,
+}
+
+/// Installs the global subscriber: stderr, `RUST_LOG`-style filter (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // A subscriber already installed (tests) is fine.
+    drop(result);
+}
+
+/// Counts events by mapping and outcome (`delivered`, `retried`, `dead_lettered`).
+pub fn count_event(mapping: &str, outcome: &'static str, count: u64) {
+    metrics::counter!(
+        "resonance_sync_events_total",
+        "mapping" => mapping.to_string(),
+        "outcome" => outcome
+    )
+    .increment(count);
+    if outcome == "delivered" {
+        metrics::gauge!(
+            "resonance_sync_last_success_timestamp_seconds",
+            "mapping" => mapping.to_string()
+        )
+        .set(chrono::Utc::now().timestamp() as f64);
+    }
+}
+
+/// Records how long one request took.
+pub fn observe_request(mapping: &str, elapsed: Duration) {
+    metrics::histogram!(
+        "resonance_sync_request_duration_seconds",
+        "mapping" => mapping.to_string()
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+/// Publishes the unsynced rows still to send (dead letters excluded).
+pub fn set_backlog(mapping: &str, rows: i64) {
+    metrics::gauge!("resonance_sync_backlog_rows", "mapping" => mapping.to_string())
+        .set(rows as f64);
+}
+
+/// Publishes the number of dead letters.
+pub fn set_dead_letters(mapping: &str, rows: i64) {
+    metrics::gauge!("resonance_sync_dead_letters", "mapping" => mapping.to_string())
+        .set(rows as f64);
+}
