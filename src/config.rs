@@ -88,18 +88,20 @@ pub struct MetricsConfig {
 pub struct Overrides {
     pub database_url: Option<String>,
     pub brand_id: Option<String>,
+    pub endpoint: Option<String>,
     pub api_key: Option<String>,
     pub credentials_directory: Option<PathBuf>,
 }
 
 impl Overrides {
-    /// Reads `DATABASE_URL`, `RESONANCE_BRAND_ID`, `RESONANCE_API_KEY` and
-    /// `CREDENTIALS_DIRECTORY`; empty values count as unset.
+    /// Reads `DATABASE_URL`, `RESONANCE_BRAND_ID`, `RESONANCE_ENDPOINT`, `RESONANCE_API_KEY`
+    /// and `CREDENTIALS_DIRECTORY`; empty values count as unset.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         Overrides {
             database_url: var("DATABASE_URL"),
             brand_id: var("RESONANCE_BRAND_ID"),
+            endpoint: var("RESONANCE_ENDPOINT"),
             api_key: var("RESONANCE_API_KEY"),
             credentials_directory: var("CREDENTIALS_DIRECTORY").map(PathBuf::from),
         }
@@ -370,7 +372,11 @@ fn validate_resonance(
 ) -> Option<ResonanceConfig> {
     let retry = validate_retry(&raw, problems);
     let endpoint = validate_endpoint(
-        raw.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT),
+        overrides
+            .endpoint
+            .as_deref()
+            .or(raw.endpoint.as_deref())
+            .unwrap_or(DEFAULT_ENDPOINT),
         raw.allow_insecure_http.unwrap_or(false),
         problems,
     );

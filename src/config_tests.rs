@@ -112,6 +112,7 @@ fn environment_overrides_the_file() {
     let overrides = Overrides {
         database_url: Some("postgres://other@127.0.0.1/other".into()),
         brand_id: Some("brand_env".into()),
+        endpoint: None,
         api_key: Some("sk_test_123".into()),
         credentials_directory: None,
     };
