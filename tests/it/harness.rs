@@ -311,6 +311,7 @@ impl Reply {
 }
 
 type Script = dyn Fn(&Seen) -> Reply + Send + Sync;
+type Shared = (Arc<Mutex<Vec<Seen>>>, Arc<Mutex<Arc<Script>>>);
 
 /// A receiver that records every request and answers from a script.
 pub struct Receiver {
@@ -387,7 +388,7 @@ impl Drop for Receiver {
 }
 
 async fn handle(
-    (seen, script): (Arc<Mutex<Vec<Seen>>>, Arc<Mutex<Arc<Script>>>),
+    (seen, script): Shared,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
