@@ -123,6 +123,10 @@ async fn apply(
 }
 
 /// `status`: one block per mapping.
+///
+/// The oldest unsynced row's age is that of the oldest row still retrying, from its first failed
+/// attempt: the daemon cannot know when a CRM row was created unless the mapping's query says,
+/// and rows that have not failed are normally sent within one poll interval.
 pub async fn status(config: &Config) -> Result<(), AppError> {
     let (pool, sources) = connect_and_prepare(config, None).await?;
     let client = pool.get().await.map_err(DbError::from)?;
@@ -140,13 +144,35 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
             )
             .await
             .map_err(DbError::from)?;
-        let oldest: Option<i64> = state.get(3);
+        let success = client
+            .query_opt(
+                "SELECT to_char(last_success_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        extract(epoch FROM now() - last_success_at)::bigint, delivered_total
+                   FROM resonance_sync.mapping_state WHERE mapping = $1",
+                &[name],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let retrying: i64 = state.get(0);
+        let oldest = match state.get::<_, Option<i64>>(3) {
+            Some(age) => format!(
+                "{} (since the first failed attempt of the oldest row retrying)",
+                humantime::format_duration(std::time::Duration::from_secs(age.max(0) as u64))
+            ),
+            None if backlog > 0 => "none failing; the rest wait for their next poll".into(),
+            None => "-".into(),
+        };
+        let last_success = success.map_or("never".to_string(), |row| {
+            format!(
+                "{} ({}; {} delivered in all)",
+                row.get::<_, String>(0),
+                ago(row.get(1)),
+                row.get::<_, i64>(2)
+            )
+        });
         println!("mapping '{name}'");
         println!("  backlog (unsynced, not dead-lettered): {backlog}");
-        println!(
-            "  retrying:                              {}",
-            state.get::<_, i64>(0)
-        );
+        println!("  retrying:                              {retrying}");
         println!(
             "  claimed now:                           {}",
             state.get::<_, i64>(2)
@@ -155,15 +181,14 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
             "  dead letters:                          {}",
             state.get::<_, i64>(1)
         );
-        println!(
-            "  oldest failing row first tried:        {}",
-            oldest
-                .map(|s| format!(
-                    "{} ago",
-                    humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
-                ))
-                .unwrap_or_else(|| "-".into())
-        );
+        println!("  oldest unsynced row's age:             {oldest}");
+        println!("  last success:                          {last_success}");
     }
     Ok(())
+}
+
+/// `3m 20s ago`, in whole seconds.
+fn ago(seconds: i64) -> String {
+    let seconds = std::time::Duration::from_secs(seconds.max(0) as u64);
+    format!("{} ago", humantime::format_duration(seconds))
 }

@@ -128,6 +128,7 @@ pub async fn build_engine(
     };
     let shared = Arc::new(Shared {
         pool,
+        database: db::direct_config(&config.database)?,
         sink,
         settings: Settings {
             brand_id: resonance.brand_id.clone(),
@@ -165,12 +166,15 @@ pub async fn build_engine(
 
 /// `run`: polls until the shutdown token is cancelled, then drains and returns.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), AppError> {
+    crate::service::explain_hangups(&shutdown);
     let engine = build_engine(config, Mode::Run, &shutdown).await?;
+    let service = crate::service::start(config, &engine, &shutdown).await?;
     tracing::info!(
         mappings = engine.lanes.len(), endpoint = %config.resonance.endpoint,
         instance = %engine.shared.instance, "running"
     );
     sync_all(engine.shared.clone(), engine.lanes.clone()).await;
+    service.finish().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -191,7 +195,10 @@ pub async fn backfill(
 ) -> Result<Vec<MappingReport>, AppError> {
     let started = Instant::now();
     let engine = build_engine(config, Mode::Backfill, &shutdown).await?;
+    let total = crate::progress::backlog(&engine.shared.pool, &engine.lanes).await?;
+    let progress = crate::progress::Progress::start(engine.lanes.clone(), total);
     sync_all(engine.shared.clone(), engine.lanes.clone()).await;
+    progress.finish().await;
     let client = engine.shared.pool.get().await.map_err(DbError::from)?;
     let mut reports = Vec::new();
     for lane in &engine.lanes {
@@ -204,7 +211,7 @@ pub async fn backfill(
             left,
         });
     }
-    print_summary(&reports, started.elapsed());
+    println!("{}", crate::progress::summary(&reports, started.elapsed()));
     if let Some(fatal) = engine.shared.fatal() {
         return Err(AppError::Refused(format!("backfill stopped: {fatal}")));
     }
@@ -216,25 +223,6 @@ pub async fn backfill(
         )));
     }
     Ok(reports)
-}
-
-fn print_summary(reports: &[MappingReport], elapsed: std::time::Duration) {
-    let delivered: u64 = reports.iter().map(|r| r.delivered).sum();
-    let rejected: u64 = reports.iter().map(|r| r.rejected).sum();
-    let left: i64 = reports.iter().map(|r| r.left).sum();
-    let seconds = elapsed.as_secs_f64();
-    if reports.len() > 1 {
-        for r in reports {
-            println!(
-                "  {:<24} delivered {:>9}  rejected {:>7}  left {:>9}",
-                r.mapping, r.delivered, r.rejected, r.left
-            );
-        }
-    }
-    println!(
-        "backfill: delivered {delivered}, rejected {rejected}, left {left}, elapsed {seconds:.1}s, rate {:.1} rows/s",
-        delivered as f64 / seconds.max(0.001)
-    );
 }
 
 /// `check`: validates, connects, prepares, and prints one sample event per mapping.
@@ -253,11 +241,17 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
             println!("api key: NOT SET (run and backfill need RESONANCE_API_KEY or api_key_file)")
         }
     }
-    let client = pool.get().await.map_err(DbError::from)?;
+    let mut client = pool.get().await.map_err(DbError::from)?;
     for source in &sources {
         let name = &source.config.name;
         let backlog = source.backlog(&client).await?;
         println!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
+        match crate::explain::full_scans(&mut client, source).await {
+            Ok(scans) => scans.iter().for_each(|scan| println!("{}", scan.warning())),
+            Err(error) => {
+                println!("  note: could not read the query's plan to check indexes: {error}")
+            }
+        }
         let keys = source.candidates(&client, 1, None, &[]).await?;
         let rows = source.fetch(&client, &keys).await?;
         let Some(row) = rows.first() else {

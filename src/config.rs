@@ -40,6 +40,8 @@ pub struct DatabaseConfig {
     /// How long a claim on a row lasts without being renewed: a crashed instance's rows come
     /// back after at most this long.
     pub claim_lease: Duration,
+    /// The zone that `timestamp without time zone` values are wall-clock times in.
+    pub timestamp_zone: chrono_tz::Tz,
 }
 
 /// Where events go and how hard to try.
@@ -75,6 +77,12 @@ pub struct MappingConfig {
     /// JSON field name → column name, in file order; `None` means every column but the email.
     pub metadata: Option<Vec<(String, String)>>,
     pub notify_channel: Option<String>,
+    /// A column of integer minor units (cents) sent as major units of the `currency` column.
+    pub amount_minor_units: Option<String>,
+    /// The column holding the ISO 4217 code of `amount_minor_units`.
+    pub currency: Option<String>,
+    /// From `[database] timestamp_zone`.
+    pub timestamp_zone: chrono_tz::Tz,
 }
 
 /// The optional Prometheus and health endpoint.
@@ -146,6 +154,7 @@ struct RawDatabase {
     pool_size: Option<usize>,
     connect_timeout: Option<String>,
     claim_lease: Option<String>,
+    timestamp_zone: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -179,6 +188,8 @@ struct RawMapping {
     mark_synced: Option<String>,
     metadata: Option<toml::Table>,
     notify_channel: Option<String>,
+    amount_minor_units: Option<String>,
+    currency: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,7 +199,13 @@ struct RawMetrics {
 }
 
 const TOP_KEYS: &[&str] = &["database", "resonance", "mapping", "metrics"];
-const DATABASE_KEYS: &[&str] = &["url", "pool_size", "connect_timeout", "claim_lease"];
+const DATABASE_KEYS: &[&str] = &[
+    "url",
+    "pool_size",
+    "connect_timeout",
+    "claim_lease",
+    "timestamp_zone",
+];
 const RESONANCE_KEYS: &[&str] = &[
     "endpoint",
     "brand_id",
@@ -215,6 +232,8 @@ const MAPPING_KEYS: &[&str] = &[
     "mark_synced",
     "metadata",
     "notify_channel",
+    "amount_minor_units",
+    "currency",
 ];
 const METRICS_KEYS: &[&str] = &["listen"];
 
@@ -226,6 +245,9 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     };
     let text =
         std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    for warning in crate::secret::exposed_secret_warnings(path, &text) {
+        tracing::warn!("{warning}");
+    }
     parse(&text, overrides).map_err(|problems| ConfigError {
         path: path.to_path_buf(),
         problems,
@@ -302,7 +324,10 @@ fn validate(raw: RawConfig, overrides: &Overrides, problems: &mut Vec<String>) -
     let mut names = HashSet::new();
     let mut mappings = Vec::new();
     for (index, mapping) in raw.mapping.into_iter().enumerate() {
-        if let Some(mapping) = validate_mapping(index, mapping, problems) {
+        if let Some(mut mapping) = validate_mapping(index, mapping, problems) {
+            if let Some(database) = &database {
+                mapping.timestamp_zone = database.timestamp_zone;
+            }
             if !names.insert(mapping.name.clone()) {
                 problems.push(format!(
                     "mapping '{}': the name is used twice; names must be unique",
@@ -352,16 +377,21 @@ fn validate_database(
     if claim_lease.is_some_and(|d| d < Duration::from_secs(2)) {
         problems.push("[database] claim_lease: must be at least 2s".to_string());
     }
+    let timestamp_zone = timestamp_zone(raw.timestamp_zone.as_deref(), problems);
     let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
         problems
             .push("[database] url: not set (set it in the file or in DATABASE_URL)".to_string());
         return None;
     };
+    if let Err(problem) = crate::tls::split_url(&url) {
+        problems.push(format!("[database] url: {problem}"));
+    }
     Some(DatabaseConfig {
         url: Secret::new(url),
         pool_size,
         connect_timeout: connect_timeout?,
         claim_lease: claim_lease?,
+        timestamp_zone: timestamp_zone?,
     })
 }
 
@@ -636,6 +666,8 @@ fn validate_mapping(
             })
             .collect::<Vec<_>>()
     });
+    let (amount_minor_units, currency) =
+        amount_columns(&label, raw.amount_minor_units, raw.currency, problems);
     if problems.len() > before {
         return None;
     }
@@ -651,7 +683,51 @@ fn validate_mapping(
         mark_synced,
         metadata,
         notify_channel: raw.notify_channel.filter(|c| !c.trim().is_empty()),
+        amount_minor_units,
+        currency,
+        timestamp_zone: chrono_tz::Tz::UTC,
     })
+}
+
+/// `amount_minor_units` and `currency` go together: minor units mean nothing without the
+/// currency that says where the decimal point goes.
+fn amount_columns(
+    label: &str,
+    amount: Option<String>,
+    currency: Option<String>,
+    problems: &mut Vec<String>,
+) -> (Option<String>, Option<String>) {
+    let amount = amount.filter(|c| !c.trim().is_empty());
+    let currency = currency.filter(|c| !c.trim().is_empty());
+    match (&amount, &currency) {
+        (Some(_), None) => problems.push(format!(
+            "{label}: amount_minor_units needs currency = \"<column>\", the column holding \
+             each row's ISO 4217 code"
+        )),
+        (None, Some(_)) => problems.push(format!(
+            "{label}: currency is only used with amount_minor_units; remove it, or name the \
+             column of minor units in amount_minor_units"
+        )),
+        _ => {}
+    }
+    (amount, currency)
+}
+
+/// Parses `[database] timestamp_zone`, an IANA zone name; UTC when not set.
+fn timestamp_zone(name: Option<&str>, problems: &mut Vec<String>) -> Option<chrono_tz::Tz> {
+    let Some(name) = name else {
+        return Some(chrono_tz::Tz::UTC);
+    };
+    match name.trim().parse() {
+        Ok(zone) => Some(zone),
+        Err(_) => {
+            problems.push(format!(
+                "[database] timestamp_zone: '{name}' is not an IANA time zone name like \
+                 \"UTC\" or \"Europe/Berlin\""
+            ));
+            None
+        }
+    }
 }
 
 /// Parses an optional human duration (`"30s"`, `"5m"`, `"1h 30m"`), falling back to `default`.

@@ -5,32 +5,103 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 use crate::error::DbError;
 use crate::secret::redact_database_url;
+use crate::tls;
 
 /// The `application_name` the daemon's sessions carry, unless the URL sets one.
 pub const APPLICATION_NAME: &str = "resonance-sync";
 
-/// Builds the pool; no connection is made yet.
-pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+/// The connection settings of the pool, also used by connections kept outside it (LISTEN).
+/// libpq's `sslmode` and `sslrootcert` are taken out of the URL first (see [`tls`]): the
+/// driver does not know `verify-ca`, `verify-full` or `sslrootcert`.
+pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
     let url = config.url.expose();
-    let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| {
+    let invalid = |problem: String| {
         DbError::Other(format!(
             "[database] url '{}' is not valid: {}",
             redact_database_url(url),
-            config.url.scrub(&e.to_string())
+            config.url.scrub(&problem)
         ))
-    })?;
+    };
+    let (driver_url, tls) = tls::split_url(url).map_err(invalid)?;
+    let mut pg =
+        tokio_postgres::Config::from_str(&driver_url).map_err(|e| invalid(e.to_string()))?;
+    pg.ssl_mode(tls.mode.driver_mode());
     if pg.get_application_name().is_none() {
         pg.application_name(APPLICATION_NAME);
     }
     pg.connect_timeout(config.connect_timeout);
+    Ok(pg)
+}
+
+/// The TLS connector for the URL's `sslmode` and `sslrootcert`, for every connection made.
+pub fn tls_connector(config: &DatabaseConfig) -> Result<MakeRustlsConnect, DbError> {
+    let url = config.url.expose();
+    let (_, options) = tls::split_url(url).map_err(DbError::Other)?;
+    tls::connector(&options).map_err(|e| DbError::Other(format!("[database] url: {e}")))
+}
+
+/// Settings for a connection outside the pool (LISTEN): the pool's driver settings, which it
+/// derefs to, and the same TLS. Open one with [`DirectConfig::connect_direct`].
+#[derive(Clone)]
+pub struct DirectConfig {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+/// The stream of a connection opened by [`DirectConfig::connect_direct`].
+pub type DirectStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+
+impl DirectConfig {
+    /// Connects with the URL's `sslmode` and `sslrootcert`, as the pool does.
+    pub async fn connect_direct(
+        &self,
+    ) -> Result<(Client, Connection<Socket, DirectStream>), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+impl std::ops::Deref for DirectConfig {
+    type Target = tokio_postgres::Config;
+    fn deref(&self) -> &Self::Target {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for DirectConfig {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.config
+    }
+}
+
+impl std::fmt::Debug for DirectConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio-postgres's own Debug redacts the password.
+        self.config.fmt(f)
+    }
+}
+
+/// The [`DirectConfig`] of the database.
+pub fn direct_config(config: &DatabaseConfig) -> Result<DirectConfig, DbError> {
+    Ok(DirectConfig {
+        config: pg_config(config)?,
+        tls: tls_connector(config)?,
+    })
+}
+
+/// Builds the pool; no connection is made yet.
+pub fn pool(config: &DatabaseConfig) -> Result<Pool, DbError> {
+    let pg = pg_config(config)?;
     let manager = Manager::from_config(
         pg,
-        tokio_postgres::NoTls,
+        tls_connector(config)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
         },

@@ -35,6 +35,22 @@ fn describe_pool_error(error: &deadpool_postgres::PoolError) -> String {
 }
 
 impl DbError {
+    /// Whether the database could not be reached (down, restarting, connections ended or
+    /// exhausted), as opposed to the server refusing the statement itself. An outage is waited
+    /// out by the polling loop; it says nothing about the mapping's SQL.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Pool(_) => true,
+            DbError::Postgres(error) => match error.as_db_error() {
+                // 08: connection exception, 53: insufficient resources, 57: operator
+                // intervention (shutdown, restart, pg_terminate_backend).
+                Some(db) => ["08", "53", "57"].contains(&&db.code().code()[..2]),
+                None => true,
+            },
+            DbError::Other(_) => false,
+        }
+    }
+
     /// A one-line description of a driver error: the server's message with its detail and hint
     /// where there is one, else the connection problem with its cause.
     pub fn describe(error: &tokio_postgres::Error) -> String {
@@ -58,5 +74,16 @@ impl DbError {
             source = cause.source();
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_connection_is_an_outage_a_refused_statement_is_not() {
+        assert!(DbError::Pool("timed out waiting for a connection".into()).is_unavailable());
+        assert!(!DbError::Other("key '1.5' does not fit mark_synced's $1".into()).is_unavailable());
     }
 }

@@ -130,12 +130,16 @@ impl Gate {
     }
 
     fn open(&self, state: &mut State, trouble: Trouble) -> Transition {
-        let base = match trouble {
-            Trouble::Outage => self.settings.outage_pause,
-            Trouble::Refused { .. } => self.settings.refused_pause,
+        // A refused key is never retried faster than `refused_pause`, however short the cap.
+        let (base, cap) = match trouble {
+            Trouble::Outage => (self.settings.outage_pause, self.settings.max_pause),
+            Trouble::Refused { .. } => (
+                self.settings.refused_pause,
+                self.settings.max_pause.max(self.settings.refused_pause),
+            ),
         };
         let factor = 2u32.saturating_pow(state.pauses.min(20));
-        let pause = base.saturating_mul(factor).min(self.settings.max_pause);
+        let pause = base.saturating_mul(factor).min(cap);
         state.pauses += 1;
         state.trouble = Some(trouble);
         state.open_until = Some(Instant::now() + pause);
@@ -149,6 +153,13 @@ impl Gate {
     /// The current trouble, if any.
     pub fn trouble(&self) -> Option<Trouble> {
         self.lock().trouble
+    }
+
+    /// Whether sending is paused right now (not while a probe may go out).
+    pub fn is_paused(&self) -> bool {
+        self.lock()
+            .open_until
+            .is_some_and(|until| until > Instant::now())
     }
 
     /// Pauses in a row since the API last answered well.
@@ -205,6 +216,7 @@ mod tests {
             Some(Transition::Opened { trouble: Trouble::Outage, pause, pauses: 1 }) if pause == Duration::from_secs(1)
         ));
         assert_eq!(gate.trouble(), Some(Trouble::Outage));
+        assert!(gate.is_paused());
         assert_eq!(
             gate.answered(),
             Some(Transition::Closed { after_pauses: 1 })
@@ -237,6 +249,16 @@ mod tests {
             }
         }
         assert_eq!(pauses, vec![2, 4, 4, 4]);
+    }
+
+    #[test]
+    fn a_refused_key_pauses_at_least_the_refused_pause_under_a_shorter_cap() {
+        let gate = gate();
+        assert!(matches!(
+            gate.refused(401),
+            Some(Transition::Opened { trouble: Trouble::Refused { status: 401 }, pause, .. })
+                if pause == Duration::from_secs(30)
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Column, Row};
 
-use crate::value::{is_supported, Cell, CellError};
+use crate::config::MappingConfig;
+use crate::currency::{to_major_units, MinorUnitsError};
+use crate::value::{exact_number, is_supported, Cell, Conversion};
 
 /// Namespace of the UUIDv5 idempotency keys, fixed for ever: changing it would make every
 /// re-send after an upgrade look new to the API.
@@ -32,6 +34,15 @@ pub struct RowShape {
     email: usize,
     email_fallback: Option<usize>,
     metadata: Vec<(String, usize)>,
+    minor_units: Option<MinorUnits>,
+    conversion: Conversion,
+}
+
+/// The columns of an `amount_minor_units` conversion.
+#[derive(Debug, Clone, Copy)]
+struct MinorUnits {
+    amount: usize,
+    currency: usize,
 }
 
 /// A row ready to send.
@@ -50,7 +61,7 @@ pub struct OutgoingEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsendable {
     pub key: String,
-    /// A short machine-readable reason: `missing_email`, `invalid_<field>`.
+    /// A short machine-readable reason: `missing_email`, `invalid_<field>`, `unknown_currency`.
     pub reason: String,
     pub detail: String,
 }
@@ -90,13 +101,10 @@ pub struct ShapeProblems(pub Vec<String>);
 impl RowShape {
     /// Locates the columns a mapping names among those of its fetch query (whose first column is
     /// [`KEY_COLUMN`]), and refuses unknown names and unsupported types.
-    pub fn locate(
-        columns: &[Column],
-        key: &str,
-        email: &str,
-        email_fallback: Option<&str>,
-        metadata: Option<&[(String, String)]>,
-    ) -> Result<RowShape, ShapeProblems> {
+    pub fn locate(columns: &[Column], config: &MappingConfig) -> Result<RowShape, ShapeProblems> {
+        let (key, email) = (config.key.as_str(), config.email.as_str());
+        let (email_fallback, metadata) =
+            (config.email_fallback.as_deref(), config.metadata.as_deref());
         let mut problems = Vec::new();
         let names: Vec<&str> = columns.iter().map(Column::name).collect();
         let mut find = |what: &str, column: &str| -> usize {
@@ -129,6 +137,16 @@ impl RowShape {
                 .map(|(i, c)| (c.name().to_string(), i))
                 .collect(),
         };
+        let minor_units = match (&config.amount_minor_units, &config.currency) {
+            (Some(amount), Some(currency)) => Some(MinorUnits {
+                amount: find("amount_minor_units", amount),
+                currency: find("currency", currency),
+            }),
+            _ => None,
+        };
+        if let Some(units) = minor_units.filter(|u| u.amount > 0 && u.currency > 0) {
+            check_minor_units(columns, units, &metadata_indices, &mut problems);
+        }
         let used = std::iter::once(email_index)
             .chain(fallback_index)
             .chain(metadata_indices.iter().map(|(_, i)| *i));
@@ -171,6 +189,10 @@ impl RowShape {
             email: email_index,
             email_fallback: fallback_index,
             metadata: metadata_indices,
+            minor_units,
+            conversion: Conversion {
+                timestamp_zone: config.timestamp_zone,
+            },
         })
     }
 
@@ -205,13 +227,14 @@ impl RowShape {
             let cell: Cell = row
                 .try_get(*index)
                 .map_err(|e| reject(format!("invalid_{field}"), e.to_string()))?;
-            let value = cell.0.map_err(|e| match e {
-                CellError::NotFinite(_)
-                | CellError::Malformed { .. }
-                | CellError::Unsupported(_) => {
-                    reject(format!("invalid_{field}"), format!("{field}: {e}"))
-                }
-            })?;
+            let mut value = cell
+                .to_json(&self.conversion)
+                .map_err(|e| reject(format!("invalid_{field}"), format!("{field}: {e}")))?;
+            if let Some(units) = self.minor_units.filter(|u| u.amount == *index) {
+                value = self
+                    .major_units(row, units, field, value)
+                    .map_err(|(reason, detail)| reject(reason, detail))?;
+            }
             metadata.insert(field.clone(), value);
         }
         let body = Body {
@@ -230,9 +253,81 @@ impl RowShape {
         })
     }
 
+    /// An amount in minor units as major units of the row's currency; `(reason, detail)` when
+    /// the currency is unknown or the amount is not whole.
+    fn major_units(
+        &self,
+        row: &Row,
+        units: MinorUnits,
+        field: &str,
+        amount: Value,
+    ) -> Result<Value, (String, String)> {
+        let invalid = |detail: String| (format!("invalid_{field}"), format!("{field}: {detail}"));
+        let minor = match amount {
+            Value::Null => return Ok(Value::Null),
+            Value::Number(number) => number.to_string(),
+            other => return Err(invalid(format!("{other} is not an amount in minor units"))),
+        };
+        let currency = row
+            .try_get::<_, Cell>(units.currency)
+            .ok()
+            .and_then(|cell| cell.to_json(&self.conversion).ok());
+        let Some(Value::String(currency)) = currency else {
+            return Err((
+                "unknown_currency".to_string(),
+                format!("{field}: the currency column is NULL, so the amount cannot be placed"),
+            ));
+        };
+        match to_major_units(&minor, &currency) {
+            Ok(text) => exact_number(&text).map_err(|e| invalid(e.to_string())),
+            Err(e @ MinorUnitsError::UnknownCurrency(_)) => {
+                Err(("unknown_currency".to_string(), format!("{field}: {e}")))
+            }
+            Err(e @ MinorUnitsError::NotWhole(_)) => Err(invalid(e.to_string())),
+        }
+    }
+
     fn email_at(&self, row: &Row, index: usize) -> Option<String> {
         let email: Option<String> = row.try_get(index).ok()?;
         email.filter(|e| !e.trim().is_empty())
+    }
+}
+
+/// The amount must be an integer or numeric column that is sent; the currency a text or enum.
+fn check_minor_units(
+    columns: &[Column],
+    units: MinorUnits,
+    metadata: &[(String, usize)],
+    problems: &mut Vec<String>,
+) {
+    let (amount, currency) = (&columns[units.amount], &columns[units.currency]);
+    let base = |ty: &Type| match ty.kind() {
+        tokio_postgres::types::Kind::Domain(inner) => inner.clone(),
+        _ => ty.clone(),
+    };
+    let amount_type = base(amount.type_());
+    if ![Type::INT2, Type::INT4, Type::INT8, Type::NUMERIC].contains(&amount_type) {
+        problems.push(format!(
+            "amount_minor_units: column '{}' has type {}; minor units must be an integer or \
+             numeric column",
+            amount.name(),
+            amount.type_().name()
+        ));
+    }
+    let currency_type = base(currency.type_());
+    let is_enum = matches!(currency_type.kind(), tokio_postgres::types::Kind::Enum(_));
+    if !is_text(&currency_type) && !is_enum {
+        problems.push(format!(
+            "currency: column '{}' has type {}; it must hold ISO 4217 codes as text",
+            currency.name(),
+            currency.type_().name()
+        ));
+    }
+    if !metadata.iter().any(|(_, index)| *index == units.amount) {
+        problems.push(format!(
+            "amount_minor_units: column '{}' is not sent; add it to [mapping.metadata]",
+            amount.name()
+        ));
     }
 }
 

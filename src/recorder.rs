@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::gate::{Transition, Trouble};
+use crate::gate::{Gate, Transition, Trouble};
 use crate::mapping::Unsendable;
 use crate::retry::next_wait;
 use crate::sink::{truncate, Attempt, Outcome};
@@ -63,7 +63,7 @@ pub async fn record(shared: Arc<Shared>, lane: Arc<Lane>, mut records: mpsc::Rec
                 Some(Record::Attempted { claim, attempt, .. })
                     if matches!(attempt.outcome, Outcome::Delivered { .. }) =>
                 {
-                    note_answer(&shared, &lane, &attempt, &claim.key);
+                    note_answer(&lane, &attempt, &claim.key);
                     delivered.push(claim.key);
                     deadline.get_or_insert_with(|| Instant::now() + MARK_DELAY);
                     if delivered.len() >= MARK_BATCH {
@@ -87,13 +87,12 @@ pub async fn record(shared: Arc<Shared>, lane: Arc<Lane>, mut records: mpsc::Rec
     flush(&shared, &lane, &mut delivered).await;
 }
 
-fn note_answer(shared: &Shared, lane: &Lane, attempt: &Attempt, key: &str) {
+fn note_answer(lane: &Lane, attempt: &Attempt, key: &str) {
     tracing::debug!(
-        mapping = %lane.name(), key, status = ?status_of(&attempt.outcome),
+        mapping = %lane.name(), key, status = status_of(&attempt.outcome),
         duration_ms = attempt.elapsed.as_millis() as u64, "delivered"
     );
     crate::telemetry::observe_request(lane.name(), attempt.elapsed);
-    log_transition(lane.name(), shared.gate.answered());
 }
 
 /// Marks delivered rows synced and forgets their state, in one transaction.
@@ -117,7 +116,13 @@ async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
             }
         }
         Err(error) => {
-            let pause = lane.mark_failed();
+            // Only a statement the server refused pauses the mapping; a database outage is
+            // waited out by the poll loop, and pausing on it would delay the recovery.
+            let pause = if error.is_unavailable() {
+                Duration::ZERO
+            } else {
+                lane.mark_failed()
+            };
             tracing::error!(
                 mapping = %lane.name(), rows = count, %error, pause_s = pause.as_secs(),
                 "marking delivered rows synced failed; they stay unsynced and will be sent \
@@ -137,6 +142,7 @@ async fn mark(shared: &Shared, lane: &Lane, keys: &[String]) -> Result<u64, crat
     let transaction = client.transaction().await?;
     let updated = lane.source.mark_synced(&transaction, keys).await?;
     store::forget(&transaction, lane.name(), keys).await?;
+    store::note_delivered(&transaction, lane.name(), keys.len() as u64).await?;
     transaction.commit().await?;
     Ok(updated)
 }
@@ -190,7 +196,6 @@ async fn attempted(
     match attempt.outcome {
         Outcome::Delivered { .. } => unreachable_delivered(),
         Outcome::Rejected { status, body } => {
-            log_transition(lane.name(), shared.gate.answered());
             tracing::warn!(mapping = %lane.name(), key = %claim.key, email, attempt = attempts, status, duration_ms, body = %truncate(&body, 300), "the API rejected the event; dead-lettered");
             let failure = Failure {
                 key: claim.key,
@@ -205,9 +210,6 @@ async fn attempted(
             if shared.mode == Mode::Backfill {
                 shared.fail(message.clone());
             }
-            if let Some(transition) = shared.gate.refused(status) {
-                log_transition(lane.name(), Some(transition));
-            }
             lane.stats.set_error(message);
             release(shared, lane, &[claim.key]).await
         }
@@ -216,7 +218,6 @@ async fn attempted(
             retry_after,
             error,
         } => {
-            log_transition(lane.name(), shared.gate.failed());
             lane.stats.set_error(error.clone());
             let failure = Failure {
                 key: claim.key,
@@ -243,8 +244,9 @@ async fn retry_or_give_up(
     duration_ms: u64,
 ) -> Result<(), crate::error::DbError> {
     let settings = &shared.settings;
-    if !settings.run_retry.allows_another(failure.attempts) {
-        tracing::warn!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = ?failure.status, error = %failure.error, "attempts exhausted; dead-lettered");
+    // Only `run` dead-letters a row for its durable attempts; a backfill leaves it for later.
+    if shared.mode == Mode::Run && !settings.run_retry.allows_another(failure.attempts) {
+        tracing::warn!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = failure.status, error = %failure.error, "attempts exhausted; dead-lettered");
         return dead_letter(shared, lane, &failure, "attempts_exhausted").await;
     }
     let unit = rand::random::<f64>();
@@ -287,7 +289,7 @@ async fn retry_or_give_up(
             }
         }
     };
-    tracing::info!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = ?failure.status, duration_ms, retry_in_ms = wait.as_millis() as u64, error = %failure.error, "attempt failed; will retry");
+    tracing::info!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = failure.status, duration_ms, retry_in_ms = wait.as_millis() as u64, error = %failure.error, "attempt failed; will retry");
     lane.stats.add_retried();
     crate::telemetry::count_event(lane.name(), "retried", 1);
     let client = shared.pool.get().await?;
@@ -335,7 +337,18 @@ fn status_of(outcome: &Outcome) -> Option<u16> {
     }
 }
 
-fn log_transition(mapping: &str, transition: Option<Transition>) {
+/// Tells the gate what an attempt showed about the API, as soon as the answer is in (the
+/// recorder may lag behind while it writes), so that a batch stops when the API is down.
+pub fn judge(gate: &Gate, outcome: &Outcome) -> Option<Transition> {
+    match outcome {
+        Outcome::Delivered { .. } | Outcome::Rejected { .. } => gate.answered(),
+        Outcome::Refused { status, .. } => gate.refused(*status),
+        Outcome::Retry { .. } => gate.failed(),
+    }
+}
+
+/// Logs a change of the gate: one line per pause, not one per row.
+pub fn log_transition(mapping: &str, transition: Option<Transition>) {
     match transition {
         Some(Transition::Opened { trouble: Trouble::Outage, pause, pauses }) => tracing::warn!(
             mapping, pause_s = pause.as_secs_f64(), pauses,

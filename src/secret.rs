@@ -80,9 +80,79 @@ fn redact_password_param(text: &str) -> String {
     out
 }
 
+/// Whether users other than the owner and group may read the file (mode `o+r`).
+pub fn readable_by_others(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+/// Warnings for secrets that every user of the machine can read: a config file whose
+/// `[database] url` holds a password, and an `api_key_file`. `text` is the config file's.
+pub fn exposed_secret_warnings(config_path: &std::path::Path, text: &str) -> Vec<String> {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Vec::new();
+    };
+    let mut warnings = Vec::new();
+    let url = table
+        .get("database")
+        .and_then(|d| d.get("url"))
+        .and_then(|u| u.as_str());
+    if url.is_some_and(|u| redact_database_url(u) != u) && readable_by_others(config_path) {
+        warnings.push(format!(
+            "{} holds the database password in [database] url and every user of this machine \
+             can read it: chmod o-r it, or move the password to DATABASE_URL or ~/.pgpass",
+            config_path.display()
+        ));
+    }
+    let key_file = table
+        .get("resonance")
+        .and_then(|r| r.get("api_key_file"))
+        .and_then(|f| f.as_str())
+        .map(std::path::Path::new);
+    if let Some(key_file) = key_file.filter(|f| readable_by_others(f)) {
+        warnings.push(format!(
+            "api_key_file {} holds the API key and every user of this machine can read it: \
+             chmod o-r it",
+            key_file.display()
+        ));
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_others_can_read_draw_warnings() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("api-key");
+        std::fs::write(&key_file, "sk_live_abcdef").unwrap();
+        let config = dir.path().join("config.toml");
+        let text = format!(
+            "[database]\nurl = \"postgres://crm:hunter2@db/shop\"\n[resonance]\napi_key_file = \"{}\"\n",
+            key_file.display()
+        );
+        std::fs::write(&config, &text).unwrap();
+        let mode = |path: &std::path::Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        mode(&config, 0o644);
+        mode(&key_file, 0o644);
+        let warnings = exposed_secret_warnings(&config, &text);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("database password"));
+        assert!(warnings[1].contains("API key"));
+        assert!(warnings.iter().all(|w| !w.contains("hunter2")));
+        mode(&config, 0o640);
+        mode(&key_file, 0o600);
+        assert!(exposed_secret_warnings(&config, &text).is_empty());
+        // A URL without a password is no secret, whoever can read it.
+        mode(&config, 0o644);
+        let text = "[database]\nurl = \"postgres://crm@db/shop\"\n";
+        assert!(exposed_secret_warnings(&config, text).is_empty());
+    }
 
     #[test]
     fn formatting_never_shows_the_value() {

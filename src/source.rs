@@ -15,6 +15,7 @@ use crate::config::MappingConfig;
 use crate::error::DbError;
 use crate::mapping::{is_key_type, RowShape, ShapeProblems, KEY_COLUMN};
 use crate::store::SCHEMA;
+use crate::value::server_cast;
 
 /// A mapping whose SQL has been checked against the database.
 #[derive(Debug, Clone)]
@@ -54,7 +55,7 @@ pub fn quote_ident(name: &str) -> String {
 
 /// The user's query made fit to be a subquery: no trailing `;`, and a newline so that a
 /// trailing `-- comment` cannot swallow what follows.
-fn subquery(query: &str) -> String {
+pub(crate) fn subquery(query: &str) -> String {
     let trimmed = query.trim().trim_end_matches(';').trim_end();
     format!("({trimmed}\n)")
 }
@@ -104,7 +105,7 @@ impl Source {
                           AND ($3::timestamptz IS NULL OR d.updated_at >= $3)))) \
              LIMIT $2"
         );
-        let fetch_sql = format!(
+        let mut fetch_sql = format!(
             "SELECT q.{key}::text AS {KEY_COLUMN}, q.* FROM {query} AS q \
              WHERE q.{key} = ANY($1::text[]::{}[])",
             key_type.name()
@@ -120,17 +121,16 @@ impl Source {
                 problems.push(format!("{what}: {}", DbError::describe(&e)));
             }
         }
-        let fetch = client.prepare(&fetch_sql).await;
+        let mut fetch = client.prepare(&fetch_sql).await;
+        if let Ok(Some(cast_sql)) = fetch.as_ref().map(|s| with_server_casts(&fetch_sql, s)) {
+            // Re-prepared with `money` read as numeric, by the session that reads the row.
+            fetch_sql = cast_sql;
+            fetch = client.prepare(&fetch_sql).await;
+        }
         let shape = match &fetch {
-            Ok(statement) => RowShape::locate(
-                statement.columns(),
-                &config.key,
-                &config.email,
-                config.email_fallback.as_deref(),
-                config.metadata.as_deref(),
-            )
-            .map_err(|ShapeProblems(found)| problems.extend(found))
-            .ok(),
+            Ok(statement) => RowShape::locate(statement.columns(), config)
+                .map_err(|ShapeProblems(found)| problems.extend(found))
+                .ok(),
             Err(e) => {
                 problems.push(format!("query: {}", DbError::describe(e)));
                 None
@@ -173,6 +173,11 @@ impl Source {
             }),
             _ => Err(fail(problems)),
         }
+    }
+
+    /// The statement each poll runs to list candidates (`check` reads its plan).
+    pub fn candidates_sql(&self) -> &str {
+        &self.candidates_sql
     }
 
     /// The type of the mapping's key column.
@@ -228,6 +233,26 @@ impl Source {
         let statement = client.prepare_cached(&self.config.mark_synced).await?;
         Ok(client.execute(&statement, &[keys.as_param()]).await?)
     }
+}
+
+/// The fetch query with its columns listed and cast where [`server_cast`] says so (`money`
+/// becomes exact `numeric` in the session's own `lc_monetary`); `None` when nothing needs it.
+fn with_server_casts(fetch_sql: &str, statement: &tokio_postgres::Statement) -> Option<String> {
+    let columns = &statement.columns()[1..];
+    if !columns.iter().any(|c| server_cast(c.type_()).is_some()) {
+        return None;
+    }
+    let list: Vec<String> = columns
+        .iter()
+        .map(|column| {
+            let name = quote_ident(column.name());
+            match server_cast(column.type_()) {
+                Some(cast) => format!("q.{name}::{cast} AS {name}"),
+                None => format!("q.{name}"),
+            }
+        })
+        .collect();
+    Some(fetch_sql.replacen(" q.* ", &format!(" {} ", list.join(", ")), 1))
 }
 
 /// Delivered keys typed for `mark_synced`'s `$1`.

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// One mapping's counters since the process started.
 #[derive(Debug, Default)]
@@ -15,6 +16,8 @@ pub struct MappingStats {
     /// Unsynced rows not dead-lettered, as of the last count (-1 before the first).
     pub backlog: AtomicI64,
     pub last_error: Mutex<Option<String>>,
+    /// When the backlog was last counted.
+    backlog_counted: Mutex<Option<Instant>>,
 }
 
 /// A point-in-time copy of one mapping's counters.
@@ -52,6 +55,18 @@ impl MappingStats {
 
     pub fn set_backlog(&self, rows: i64) {
         self.backlog.store(rows, Ordering::Relaxed);
+        if let Ok(mut at) = self.backlog_counted.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Whether the backlog was never counted, or not within `every`: counting is a query over
+    /// the whole mapping, so a mapping sending full batches back to back counts once per interval.
+    pub fn backlog_due(&self, every: Duration) -> bool {
+        match self.backlog_counted.lock() {
+            Ok(at) => at.is_none_or(|at| at.elapsed() >= every),
+            Err(_) => true,
+        }
     }
 
     pub fn set_error(&self, error: impl Into<String>) {
@@ -71,5 +86,20 @@ impl MappingStats {
             backlog: (backlog >= 0).then_some(backlog),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_is_due_at_first_then_once_per_interval() {
+        let stats = MappingStats::new();
+        assert!(stats.backlog_due(Duration::from_secs(30)));
+        stats.set_backlog(7);
+        assert!(!stats.backlog_due(Duration::from_secs(30)));
+        assert!(stats.backlog_due(Duration::ZERO));
+        assert_eq!(stats.snapshot().backlog, Some(7));
     }
 }

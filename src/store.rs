@@ -37,6 +37,11 @@ CREATE INDEX IF NOT EXISTS deliveries_claimed_by
     ON resonance_sync.deliveries (claimed_by) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_dead
     ON resonance_sync.deliveries (mapping, dead_at) WHERE dead_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS resonance_sync.mapping_state (
+    mapping          text        PRIMARY KEY,
+    last_success_at  timestamptz NOT NULL,
+    delivered_total  bigint      NOT NULL DEFAULT 0
+);
 ";
 
 /// A lock id only this program takes, so that instances starting together create the schema once.
@@ -128,6 +133,24 @@ pub async fn renew_leases(
         .await?)
 }
 
+/// Rows of `mapping` that other instances hold a live claim on.
+pub async fn claimed_by_others(
+    client: &impl GenericClient,
+    mapping: &str,
+    instance: uuid::Uuid,
+) -> Result<i64, DbError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT count(*) FROM resonance_sync.deliveries
+              WHERE mapping = $1 AND lease_until > now() AND claimed_by <> $2",
+        )
+        .await?;
+    Ok(client
+        .query_one(&statement, &[&mapping, &instance])
+        .await?
+        .get(0))
+}
+
 /// Gives back claims without an attempt having been made (shutdown, a paused API): rows never
 /// tried are forgotten, rows with earlier attempts keep their history.
 pub async fn release(
@@ -161,15 +184,27 @@ pub async fn release(
     Ok(())
 }
 
+/// Reclaims the space of forgotten claims. Another instance's vacuum in progress is enough, so
+/// a locked table is skipped rather than waited for.
+pub async fn vacuum(client: &deadpool_postgres::Client) -> Result<(), DbError> {
+    client
+        .batch_execute("VACUUM (SKIP_LOCKED) resonance_sync.deliveries")
+        .await?;
+    Ok(())
+}
+
 /// Forgets the state of delivered rows; run in the transaction that marks them synced.
 pub async fn forget(
     client: &impl GenericClient,
     mapping: &str,
     keys: &[String],
 ) -> Result<(), DbError> {
+    // A join rather than `row_key = ANY($2)`: planned once for a table that looked empty, the
+    // latter can filter every claim of the mapping against every key (claims x keys compares).
     let statement = client
         .prepare_cached(
-            "DELETE FROM resonance_sync.deliveries WHERE mapping = $1 AND row_key = ANY($2)",
+            "DELETE FROM resonance_sync.deliveries AS d USING unnest($2::text[]) AS k(row_key)
+              WHERE d.mapping = $1 AND d.row_key = k.row_key",
         )
         .await?;
     client.execute(&statement, &[&mapping, &keys]).await?;
@@ -247,4 +282,35 @@ pub async fn dead_letter(
     ];
     client.execute(&statement, &params).await?;
     Ok(())
+}
+
+/// Notes that `count` rows of `mapping` were delivered and marked; run in the transaction that
+/// marks them, so that `status` can tell when the mapping last succeeded.
+pub async fn note_delivered(
+    client: &impl GenericClient,
+    mapping: &str,
+    count: u64,
+) -> Result<(), DbError> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO resonance_sync.mapping_state AS s (mapping, last_success_at, delivered_total)
+             VALUES ($1, now(), $2)
+             ON CONFLICT (mapping) DO UPDATE
+                SET last_success_at = now(), delivered_total = s.delivered_total + $2",
+        )
+        .await?;
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    client.execute(&statement, &[&mapping, &count]).await?;
+    Ok(())
+}
+
+/// Dead letters of `mapping` that are not purged.
+pub async fn dead_letter_count(client: &impl GenericClient, mapping: &str) -> Result<i64, DbError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT count(*) FROM resonance_sync.deliveries
+              WHERE mapping = $1 AND dead_at IS NOT NULL AND purged_at IS NULL",
+        )
+        .await?;
+    Ok(client.query_one(&statement, &[&mapping]).await?.get(0))
 }

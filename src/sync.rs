@@ -16,12 +16,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gate::{Admission, Gate};
 use crate::mapping::EventContext;
-use crate::recorder::{record, Record};
+use crate::recorder::{judge, log_transition, record, Record};
 use crate::retry::RetryPolicy;
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::stats::MappingStats;
 use crate::store::{self, Claim};
+
+/// Batches a mapping may hold claimed before claiming another. Rows count until their outcome is
+/// written down, and delivered rows wait up to the recorder's mark delay for that: with one
+/// batch, the senders would idle while each batch's marks commit; with two, the next batch is
+/// fetched and waiting while the current one is sent and marked.
+const CLAIM_AHEAD: usize = 2;
+
+/// Claimed rows between two vacuums of the daemon's table.
+const VACUUM_EVERY: usize = 10_000;
+
+/// How often an idle mapping recounts its backlog (rows retried or purged by hand change it).
+const IDLE_RECOUNT: Duration = Duration::from_secs(300);
 
 /// Poll for ever, or drain once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +57,8 @@ pub struct Settings {
 #[derive(Debug)]
 pub struct Shared {
     pub pool: Pool,
+    /// The pool's connection settings, for connections kept outside it (LISTEN).
+    pub database: crate::db::DirectConfig,
     pub sink: Sink,
     pub settings: Settings,
     pub mode: Mode,
@@ -96,6 +110,10 @@ pub struct Lane {
     run_attempts: Mutex<HashMap<String, u32>>,
     given_up: Mutex<Vec<String>>,
     mark_failures: AtomicU32,
+    /// Rows claimed since start, to pace [`vacuum`].
+    claimed_rows: AtomicUsize,
+    /// Shows the watchdog and `/healthz` that this lane's loop is alive.
+    pub heartbeat: crate::health::Heartbeat,
 }
 
 impl Lane {
@@ -115,6 +133,8 @@ impl Lane {
             run_attempts: Mutex::new(HashMap::new()),
             given_up: Mutex::new(Vec::new()),
             mark_failures: AtomicU32::new(0),
+            claimed_rows: AtomicUsize::new(0),
+            heartbeat: crate::health::Heartbeat::default(),
         }
     }
 
@@ -168,6 +188,14 @@ impl Lane {
         self.given_up.lock().map(|k| k.clone()).unwrap_or_default()
     }
 
+    /// Counts claimed rows, and vacuums the daemon's table every [`VACUUM_EVERY`] of them.
+    fn note_claimed(&self, shared: &Arc<Shared>, rows: usize) {
+        let before = self.claimed_rows.fetch_add(rows, Ordering::Relaxed);
+        if before / VACUUM_EVERY != (before + rows) / VACUUM_EVERY {
+            tokio::spawn(vacuum(shared.clone()));
+        }
+    }
+
     /// A mark succeeded: the mapping runs freely.
     pub fn mark_succeeded(&self) {
         self.mark_failures.store(0, Ordering::Relaxed);
@@ -194,7 +222,11 @@ fn mark_pause(failures: u32) -> Duration {
 
 /// Runs every lane until `shared.stop` is cancelled (run) or the work is drained (backfill).
 pub async fn sync_all(shared: Arc<Shared>, lanes: Vec<Arc<Lane>>) {
-    let renewer = tokio::spawn(renew_leases(shared.clone()));
+    let renewer = tokio::spawn(renew_leases(shared.clone(), lanes.clone()));
+    let listeners = match shared.mode {
+        Mode::Run => crate::listen::spawn_listeners(&shared.database, &lanes, &shared.stop),
+        Mode::Backfill => Vec::new(),
+    };
     let mut workers = Vec::new();
     for lane in lanes {
         workers.push(tokio::spawn(sync_lane(shared.clone(), lane)));
@@ -205,13 +237,19 @@ pub async fn sync_all(shared: Arc<Shared>, lanes: Vec<Arc<Lane>>) {
         }
     }
     renewer.abort();
+    for listener in listeners {
+        listener.abort();
+    }
 }
 
-/// Keeps this process's claims alive while it works on them.
-async fn renew_leases(shared: Arc<Shared>) {
+/// Keeps this process's claims alive while it works on them; idle, it sends nothing.
+async fn renew_leases(shared: Arc<Shared>, lanes: Vec<Arc<Lane>>) {
     let every = shared.settings.claim_lease / 3;
     loop {
         tokio::time::sleep(every).await;
+        if lanes.iter().all(|lane| lane.inflight() == 0) {
+            continue;
+        }
         let result = match shared.pool.get().await {
             Ok(client) => {
                 store::renew_leases(&client, shared.instance, shared.settings.claim_lease)
@@ -253,13 +291,19 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
         if shared.stop.is_cancelled() {
             return;
         }
-        let limit = match shared.gate.admit(&shared.stop).await {
+        lane.heartbeat.beat();
+        let limit = match lane.heartbeat.idle(shared.gate.admit(&shared.stop)).await {
             Admission::Stopped => return,
+            Admission::Probe if outage_outlasts_backfill(shared) => {
+                tracing::warn!(mapping = %config.name, pauses = shared.gate.pauses(), "the API kept failing through every probe; the backfill stops and leaves the rest for a later run");
+                return;
+            }
             Admission::Probe => 1,
             Admission::Full => config.batch_size,
         };
-        // At most one batch waits for senders while another is in flight.
-        while lane.inflight() >= config.batch_size {
+        // Claimed rows stay bounded: a new batch is claimed only while fewer than
+        // CLAIM_AHEAD batches are claimed and not yet written down.
+        while lane.inflight() >= CLAIM_AHEAD * config.batch_size {
             tokio::select! {
                 _ = shared.stop.cancelled() => return,
                 _ = lane.wake.notified() => {}
@@ -275,22 +319,30 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
                 let wait = db_wait(db_failures, config.interval);
                 tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
                 lane.stats.set_error(format!("database: {error}"));
-                if !sleep_or_stop(&shared.stop, wait).await {
+                if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
                     return;
                 }
                 continue;
             }
         };
         let pause = lane.mark_pause();
-        if !pause.is_zero() && !sleep_or_stop(&shared.stop, pause).await {
+        if !pause.is_zero()
+            && !lane
+                .heartbeat
+                .idle(sleep_or_stop(&shared.stop, pause))
+                .await
+        {
             return;
         }
         if limit == 1 {
-            // A probe: its outcome decides whether the gate closes; wait for it.
+            // A probe: its outcome decides whether the gate closes; wait until it is written
+            // down (a wake-up left over from earlier rows must not start a second probe).
             if polled.claimed > 0 {
-                tokio::select! {
-                    _ = shared.stop.cancelled() => return,
-                    _ = lane.wake.notified() => {}
+                while lane.inflight() > 0 {
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => return,
+                        _ = lane.wake.notified() => {}
+                    }
                 }
                 continue;
             }
@@ -298,9 +350,35 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
             continue;
         }
         if shared.mode == Mode::Backfill && backfill_done(lane, &polled) && lane.inflight() == 0 {
-            return;
+            // Rows another instance (a `run` service) is sending are not left over: wait until
+            // it marks them, or until their lease runs out and they can be claimed here.
+            if !claimed_elsewhere(shared, lane).await {
+                return;
+            }
+            let wait = config.interval.min(Duration::from_millis(500));
+            if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
+                return;
+            }
+            continue;
         }
-        wait_for_more(shared, lane).await;
+        lane.heartbeat.idle(wait_for_more(shared, lane)).await;
+    }
+}
+
+/// A backfill gives up on a down API after as many failed pauses as a row gets attempts, rather
+/// than spending each row's attempts one probe at a time.
+fn outage_outlasts_backfill(shared: &Shared) -> bool {
+    shared.mode == Mode::Backfill
+        && shared.gate.pauses() >= shared.settings.backfill_retry.max_attempts
+}
+
+/// Whether other instances hold live claims on this mapping's rows (false when unsure).
+async fn claimed_elsewhere(shared: &Shared, lane: &Lane) -> bool {
+    match shared.pool.get().await {
+        Ok(client) => store::claimed_by_others(&client, lane.name(), shared.instance)
+            .await
+            .is_ok_and(|rows| rows > 0),
+        Err(_) => false,
     }
 }
 
@@ -344,8 +422,10 @@ async fn poll_once(
         .source
         .candidates(&client, limit, shared.backfill_started(), &given_up)
         .await?;
-    if keys.is_empty() {
+    if backlog_count_due(lane, keys.len()) {
         refresh_backlog(&client, lane).await;
+    }
+    if keys.is_empty() {
         return Ok(Polled {
             candidates: 0,
             claimed: 0,
@@ -375,8 +455,38 @@ async fn poll_once(
         candidates: keys.len(),
         claimed: claims.len(),
     };
-    dispatch(shared, lane, records, claims, rows).await;
+    lane.note_claimed(shared, claims.len());
+    // Dispatched by a task of its own, so that the loop claims and fetches the next batch while
+    // this one waits for permits: the senders never wait for the database between batches.
+    let (shared, lane, records) = (shared.clone(), lane.clone(), records.clone());
+    tokio::spawn(async move { dispatch(&shared, &lane, &records, claims, rows).await });
     Ok(polled)
+}
+
+/// Counting reads the whole backlog, so it is done once per interval while rows flow, once when
+/// they stop, and then rarely: an idle poll is the one candidate query.
+fn backlog_count_due(lane: &Lane, found: usize) -> bool {
+    let every = if found > 0 {
+        lane.source.config.interval
+    } else if lane.stats.backlog.load(Ordering::Relaxed) != 0 {
+        Duration::ZERO
+    } else {
+        IDLE_RECOUNT
+    };
+    lane.stats.backlog_due(every)
+}
+
+/// Every delivered row's claim is inserted and deleted again, so a large drain leaves dead rows
+/// in `resonance_sync.deliveries` far faster than autovacuum visits it (once a minute at best),
+/// and every candidate query and mark would read them. Reclaiming them keeps a poll's cost flat.
+async fn vacuum(shared: Arc<Shared>) {
+    let result = match shared.pool.get().await {
+        Ok(client) => store::vacuum(&client).await,
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "vacuuming resonance_sync.deliveries failed");
+    }
 }
 
 async fn refresh_backlog(client: &deadpool_postgres::Client, lane: &Lane) {
@@ -387,6 +497,12 @@ async fn refresh_backlog(client: &deadpool_postgres::Client, lane: &Lane) {
         }
         Err(error) => {
             tracing::debug!(mapping = %lane.name(), %error, "counting the backlog failed")
+        }
+    }
+    match store::dead_letter_count(client, lane.name()).await {
+        Ok(rows) => crate::telemetry::set_dead_letters(lane.name(), rows),
+        Err(error) => {
+            tracing::debug!(mapping = %lane.name(), %error, "counting dead letters failed")
         }
     }
 }
@@ -426,12 +542,20 @@ async fn dispatch(
             }
         };
         let Ok(permit) = permit else { break };
+        // When the API turns out to be down (or refuses the key) half-way through a batch, the
+        // rest is released and waits for the gate's probe instead of failing at full rate.
+        if shared.gate.is_paused() {
+            by_key.insert(claim.key.clone(), claim);
+            break;
+        }
         let shared = shared.clone();
         let records = records.clone();
         let mapping = lane.name().to_string();
         tokio::spawn(async move {
             tracing::trace!(mapping, key = %event.key, "sending");
             let attempt = shared.sink.send(&event).await;
+            // The gate hears of the answer before the next send can start.
+            log_transition(&mapping, judge(&shared.gate, &attempt.outcome));
             drop(permit);
             let _ = records
                 .send(Record::Attempted {

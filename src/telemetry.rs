@@ -30,6 +30,41 @@ pub fn init_logging(format: LogFormat) {
     drop(result);
 }
 
+/// The request-duration histogram's name (its buckets are set where the exporter is built).
+pub const REQUEST_DURATION: &str = "resonance_sync_request_duration_seconds";
+
+/// The outcomes `resonance_sync_events_total` counts.
+pub const OUTCOMES: [&str; 3] = ["delivered", "retried", "dead_lettered"];
+
+/// Gives every metric its help text; called once, when an exporter is installed.
+pub fn describe() {
+    metrics::describe_counter!(
+        "resonance_sync_events_total",
+        "Events by mapping and outcome: delivered (2xx, marked synced), retried, dead_lettered"
+    );
+    metrics::describe_gauge!(
+        "resonance_sync_backlog_rows",
+        "Unsynced rows still to send, dead letters excluded, as of the last count"
+    );
+    metrics::describe_gauge!("resonance_sync_dead_letters", "Dead letters not purged");
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of one request to the Resonance API"
+    );
+    metrics::describe_gauge!(
+        "resonance_sync_last_success_timestamp_seconds",
+        "Unix time of the last delivered event"
+    );
+}
+
+/// Makes a mapping's event counters visible at 0 before its first event.
+pub fn register_mapping(mapping: &str) {
+    for outcome in OUTCOMES {
+        count_event(mapping, outcome, 0);
+    }
+}
+
 /// Counts events by mapping and outcome (`delivered`, `retried`, `dead_lettered`).
 pub fn count_event(mapping: &str, outcome: &'static str, count: u64) {
     metrics::counter!(
@@ -38,7 +73,7 @@ pub fn count_event(mapping: &str, outcome: &'static str, count: u64) {
         "outcome" => outcome
     )
     .increment(count);
-    if outcome == "delivered" {
+    if outcome == "delivered" && count > 0 {
         metrics::gauge!(
             "resonance_sync_last_success_timestamp_seconds",
             "mapping" => mapping.to_string()
@@ -50,7 +85,7 @@ pub fn count_event(mapping: &str, outcome: &'static str, count: u64) {
 /// Records how long one request took.
 pub fn observe_request(mapping: &str, elapsed: Duration) {
     metrics::histogram!(
-        "resonance_sync_request_duration_seconds",
+        REQUEST_DURATION,
         "mapping" => mapping.to_string()
     )
     .record(elapsed.as_secs_f64());

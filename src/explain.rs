@@ -1,0 +1,351 @@
+//! Reads a mapping's query plan for `check`: does each poll read a large table whole, because no
+//! index finds the unsynced rows? If so, it names the table and the partial index that fixes it.
+//!
+//! The candidate query is planned with sequential scans disabled, so that the plan shows whether
+//! an index *could* serve it, whatever the planner prefers for today's backlog (for a backlog of
+//! all rows a sequential scan is rightly cheaper; for the idle poll it is not). It only reads
+//! plans, inside a transaction that is rolled back; it never changes the database.
+
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use crate::error::DbError;
+use crate::source::{quote_ident, subquery, Source};
+use crate::store::SCHEMA;
+
+/// A table with more rows than this, read whole on every poll, deserves an index.
+pub const LARGE_TABLE_ROWS: f64 = 10_000.0;
+
+/// A large table that each poll reads whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FullScan {
+    /// The table, schema-qualified and quoted where needed.
+    pub table: String,
+    /// The planner's estimate of its rows.
+    pub rows: f64,
+    /// A statement that lets the poll find unsynced rows by index.
+    pub fix: String,
+}
+
+impl FullScan {
+    /// What `check` prints.
+    pub fn warning(&self) -> String {
+        format!(
+            "  warning: every poll reads all of {} (about {:.0} rows): no index finds its \
+             unsynced rows.\n  This partial index lets each poll read only those rows:\n    {}",
+            self.table, self.rows, self.fix
+        )
+    }
+}
+
+/// How one plan node reads a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TableRead {
+    schema: String,
+    relation: String,
+    alias: String,
+    /// The index used, if any.
+    index: Option<String>,
+    /// An index condition limits what is read.
+    bounded: bool,
+    filter: Option<String>,
+}
+
+impl TableRead {
+    fn table(&self) -> String {
+        format!("{}.{}", ident(&self.schema), ident(&self.relation))
+    }
+}
+
+/// An identifier as a person would write it: quoted only when it has to be.
+fn ident(name: &str) -> String {
+    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        quote_ident(name)
+    }
+}
+
+/// The large tables that `source`'s poll reads whole, each with the index that fixes it.
+pub async fn full_scans(
+    client: &mut deadpool_postgres::Client,
+    source: &Source,
+) -> Result<Vec<FullScan>, DbError> {
+    let transaction = client.transaction().await?;
+    transaction
+        .batch_execute("SET LOCAL enable_seqscan = off")
+        .await?;
+    let limit = source.config.batch_size as i64;
+    let no_start: Option<SystemTime> = None;
+    let no_keys: Vec<String> = Vec::new();
+    let params: [&(dyn ToSql + Sync); 4] = [&source.config.name, &limit, &no_start, &no_keys];
+    let plan = explain(&transaction, source.candidates_sql(), &params).await?;
+    let mut reads = Vec::new();
+    table_reads(&plan, &mut reads);
+    let mut seen = BTreeSet::new();
+    let mut found = Vec::new();
+    for read in reads {
+        if read.bounded || !seen.insert(read.table()) {
+            continue;
+        }
+        if let Some(index) = &read.index {
+            if is_partial(&transaction, &read.schema, index).await? {
+                continue;
+            }
+        }
+        let rows = estimated_rows(&transaction, &read.table()).await?;
+        if rows <= LARGE_TABLE_ROWS {
+            continue;
+        }
+        let fix = suggest_index(&transaction, source, &read).await?;
+        found.push(FullScan {
+            table: read.table(),
+            rows,
+            fix,
+        });
+    }
+    Ok(found)
+}
+
+async fn explain(
+    client: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Value, DbError> {
+    let row = client
+        .query_one(&format!("EXPLAIN (FORMAT JSON, VERBOSE) {sql}"), params)
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Every table read in a plan (as returned by `EXPLAIN (FORMAT JSON, VERBOSE)`), except the
+/// daemon's own.
+fn table_reads(plan: &Value, out: &mut Vec<TableRead>) {
+    match plan {
+        Value::Array(items) => items.iter().for_each(|item| table_reads(item, out)),
+        Value::Object(node) => {
+            if let Some(inner) = node.get("Plan") {
+                table_reads(inner, out);
+                return;
+            }
+            if let Some(read) = table_read(plan) {
+                if read.schema != SCHEMA && read.schema != "pg_catalog" {
+                    out.push(read);
+                }
+            }
+            if let Some(children) = node.get("Plans") {
+                table_reads(children, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn table_read(node: &Value) -> Option<TableRead> {
+    let text = |key: &str| node.get(key).and_then(Value::as_str).map(str::to_string);
+    let (index, bounded) = match text("Node Type")?.as_str() {
+        "Seq Scan" => (None, false),
+        "Index Scan" | "Index Only Scan" => (text("Index Name"), bounds(text("Index Cond"))),
+        "Bitmap Heap Scan" => {
+            let mut indexes = Vec::new();
+            bitmap_indexes(node, &mut indexes);
+            let bounded = indexes.iter().any(|(_, cond)| bounds(cond.clone()));
+            (indexes.into_iter().next().map(|(name, _)| name), bounded)
+        }
+        _ => return None,
+    };
+    Some(TableRead {
+        schema: text("Schema").unwrap_or_else(|| "public".to_string()),
+        alias: text("Alias").or_else(|| text("Relation Name"))?,
+        relation: text("Relation Name")?,
+        index,
+        bounded,
+        filter: text("Filter"),
+    })
+}
+
+/// The indexes (and their conditions) under a bitmap heap scan.
+fn bitmap_indexes(node: &Value, out: &mut Vec<(String, Option<String>)>) {
+    for child in node
+        .get("Plans")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(name) = child.get("Index Name").and_then(Value::as_str) {
+            let cond = child.get("Index Cond").and_then(Value::as_str);
+            out.push((name.to_string(), cond.map(str::to_string)));
+        }
+        bitmap_indexes(child, out);
+    }
+}
+
+/// Whether an index condition limits the rows read. `key IS NOT NULL` (added by the daemon's
+/// own wrapper) does not: it matches every row.
+fn bounds(cond: Option<String>) -> bool {
+    cond.is_some_and(|cond| {
+        cond.split(" AND ")
+            .any(|part| !part.contains("IS NOT NULL"))
+    })
+}
+
+async fn is_partial(
+    client: &impl GenericClient,
+    schema: &str,
+    index: &str,
+) -> Result<bool, DbError> {
+    let name = format!("{}.{}", ident(schema), ident(index));
+    let row = client
+        .query_opt(
+            "SELECT indpred IS NOT NULL FROM pg_index WHERE indexrelid = to_regclass($1)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.is_some_and(|row| row.get(0)))
+}
+
+/// The planner's idea of a table's size (from statistics, or from its pages if never analyzed).
+async fn estimated_rows(client: &impl GenericClient, table: &str) -> Result<f64, DbError> {
+    let plan = explain(client, &format!("SELECT 1 FROM {table}"), &[]).await?;
+    Ok(plan
+        .pointer("/0/Plan/Plan Rows")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0))
+}
+
+/// `CREATE INDEX ON table (key) WHERE <the query's own condition on that table>`, with
+/// placeholders where the plan does not tell.
+async fn suggest_index(
+    client: &impl GenericClient,
+    source: &Source,
+    read: &TableRead,
+) -> Result<String, DbError> {
+    let key = &source.config.key;
+    let has_key = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+             AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+            &[&read.table(), key],
+        )
+        .await?
+        .get::<_, bool>(0);
+    let column = if has_key {
+        ident(key)
+    } else {
+        "<a column>".to_string()
+    };
+    // The user's query alone: the candidate query's own conditions would show in its filter.
+    let plain = format!(
+        "SELECT * FROM {} AS q LIMIT {}",
+        subquery(&source.config.query),
+        source.config.batch_size
+    );
+    let mut reads = Vec::new();
+    table_reads(&explain(client, &plain, &[]).await?, &mut reads);
+    let predicate = reads
+        .iter()
+        .find(|other| other.table() == read.table())
+        .and_then(|other| {
+            other
+                .filter
+                .as_deref()
+                .map(|f| unqualified(f, &other.alias))
+        })
+        .unwrap_or_else(|| "<the query's condition for unsynced rows>".to_string());
+    Ok(format!(
+        "CREATE INDEX ON {} ({column}) WHERE {predicate};",
+        read.table()
+    ))
+}
+
+/// A plan's filter with the table alias taken off its columns (`orders.synced` → `synced`).
+fn unqualified(filter: &str, alias: &str) -> String {
+    let quoted = format!("{}.", ident(alias));
+    filter
+        .replace(&quoted, "")
+        .replace(&format!("{alias}."), "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reads(plan: Value) -> Vec<TableRead> {
+        let mut out = Vec::new();
+        table_reads(&plan, &mut out);
+        out
+    }
+
+    #[test]
+    fn finds_scans_at_any_depth_but_not_the_daemons_own() {
+        let plan = json!([{ "Plan": {
+            "Node Type": "Limit",
+            "Plans": [{
+                "Node Type": "Nested Loop",
+                "Plans": [
+                    { "Node Type": "Seq Scan", "Relation Name": "orders", "Schema": "public",
+                      "Alias": "o", "Filter": "(NOT o.synced_to_resonance)" },
+                    { "Node Type": "Index Only Scan", "Relation Name": "deliveries",
+                      "Schema": "resonance_sync", "Alias": "d", "Index Name": "deliveries_pkey",
+                      "Index Cond": "(d.mapping = $1)" }
+                ]
+            }]
+        }}]);
+        let found = reads(plan);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].table(), "public.orders");
+        assert_eq!(found[0].index, None);
+        assert!(!found[0].bounded);
+        assert_eq!(
+            unqualified(found[0].filter.as_deref().unwrap(), &found[0].alias),
+            "(NOT synced_to_resonance)"
+        );
+    }
+
+    #[test]
+    fn an_index_scan_is_bounded_only_by_a_real_condition() {
+        let scan = |cond: Option<&str>| {
+            let mut node = json!({ "Node Type": "Index Scan", "Relation Name": "orders",
+                                   "Schema": "public", "Alias": "orders",
+                                   "Index Name": "orders_pkey" });
+            if let Some(cond) = cond {
+                node["Index Cond"] = json!(cond);
+            }
+            reads(json!([{ "Plan": node }])).remove(0)
+        };
+        assert!(!scan(None).bounded);
+        assert!(!scan(Some("(orders.id IS NOT NULL)")).bounded);
+        assert!(scan(Some("(orders.customer_id = c.id)")).bounded);
+        assert_eq!(scan(None).index.as_deref(), Some("orders_pkey"));
+    }
+
+    #[test]
+    fn a_bitmap_scan_takes_its_index_from_below() {
+        let plan = json!([{ "Plan": {
+            "Node Type": "Bitmap Heap Scan", "Relation Name": "Orders", "Schema": "crm",
+            "Alias": "o",
+            "Plans": [{ "Node Type": "Bitmap Index Scan", "Index Name": "orders_unsynced" }]
+        }}]);
+        let found = reads(plan);
+        assert_eq!(found[0].index.as_deref(), Some("orders_unsynced"));
+        assert!(!found[0].bounded);
+        assert_eq!(found[0].table(), "crm.\"Orders\"");
+    }
+
+    #[test]
+    fn quoted_aliases_are_taken_off_too() {
+        assert_eq!(
+            unqualified("(NOT \"Order\".synced)", "Order"),
+            "(NOT synced)"
+        );
+    }
+}
