@@ -387,11 +387,7 @@ impl Drop for Receiver {
     }
 }
 
-async fn handle(
-    (seen, script): Shared,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle((seen, script): Shared, headers: HeaderMap, body: Bytes) -> Response {
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let entry = {
         let mut seen = seen.lock().unwrap();
@@ -522,4 +518,115 @@ pub fn logs() {
             .with_test_writer()
             .try_init();
     });
+}
+
+/// The daemon's record of one row in `resonance_sync.deliveries`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryState {
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub reason: Option<String>,
+    pub dead: bool,
+    /// A claim is held (or was left behind).
+    pub leased: bool,
+}
+
+impl TestDb {
+    /// The daemon's state for `key` of mapping `orders`; `None` when it keeps none (never tried,
+    /// or delivered and forgotten).
+    pub async fn delivery(&self, key: impl ToString) -> Option<DeliveryState> {
+        let key = key.to_string();
+        let row = match self
+            .client
+            .query_opt(
+                "SELECT attempts, last_status, last_error, reason, dead_at IS NOT NULL, \
+                        lease_until IS NOT NULL \
+                   FROM resonance_sync.deliveries WHERE mapping = 'orders' AND row_key = $1",
+                &[&key],
+            )
+            .await
+        {
+            Ok(row) => row?,
+            // Before the daemon's first start there is no schema, hence no state.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                return None
+            }
+            Err(e) => panic!("read the delivery state: {e}"),
+        };
+        Some(DeliveryState {
+            attempts: row.get(0),
+            last_status: row.get(1),
+            last_error: row.get(2),
+            reason: row.get(3),
+            dead: row.get(4),
+            leased: row.get(5),
+        })
+    }
+
+    /// Logs every UPDATE that sets `table.synced_to_resonance` to true, so a test can tell how
+    /// often each row was marked (see [`TestDb::marks`]).
+    pub async fn track_marks(&self, table: &str) {
+        self.exec(&format!(
+            "CREATE TABLE IF NOT EXISTS mark_log (id bigint NOT NULL);
+             CREATE OR REPLACE FUNCTION log_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO mark_log VALUES (NEW.id); RETURN NEW; END $$;
+             CREATE TRIGGER log_mark AFTER UPDATE OF synced_to_resonance ON {table}
+               FOR EACH ROW WHEN (NEW.synced_to_resonance) EXECUTE FUNCTION log_mark();"
+        ))
+        .await;
+    }
+
+    /// How many times each row was marked synced, by id (needs [`TestDb::track_marks`]).
+    pub async fn marks(&self) -> HashMap<i64, i64> {
+        let rows = self
+            .client
+            .query("SELECT id, count(*) FROM mark_log GROUP BY id", &[])
+            .await
+            .expect("read mark_log");
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+}
+
+/// The raw JSON text of `field` in a body (e.g. `4.81` for `"order_value":4.81`), exactly as
+/// sent: the check that digits never went through a float.
+pub fn raw_field<'a>(body: &'a str, field: &str) -> Option<&'a str> {
+    let start = body.find(&format!("\"{field}\":"))? + field.len() + 3;
+    let rest = &body[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+/// The raw `order_value` text of every request for order `id`.
+pub fn raw_values(receiver: &Receiver, id: impl ToString) -> Vec<String> {
+    receiver
+        .for_order(id)
+        .iter()
+        .map(|s| {
+            raw_field(&s.text(), "order_value")
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The config of the baseline `orders` mapping, sending to `receiver`.
+pub fn orders_config(db: &TestDb, receiver: &Receiver) -> Config {
+    config(&db.url, &receiver.endpoint(), "", &orders_mapping("orders"))
+}
+
+impl TestDb {
+    /// Inserts baseline orders with explicit ids `(id, email, value)`, currency USD.
+    pub async fn insert_orders_with_ids(&self, rows: &[(i64, &str, &str)]) {
+        for (id, email, value) in rows {
+            self.client
+                .execute(
+                    "INSERT INTO orders (id, user_email, order_value, currency) \
+                     VALUES ($1, $2, $3::text::numeric, 'USD')",
+                    &[id, email, value],
+                )
+                .await
+                .expect("insert order");
+        }
+    }
 }

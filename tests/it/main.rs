@@ -4,5 +4,20 @@
 #[allow(dead_code)]
 mod harness;
 
+mod cases;
 mod chinook;
+#[allow(dead_code)]
+mod cluster;
+mod delivery;
+mod exact_values;
+mod faults;
+mod fuzz;
+mod ops;
+mod packaging;
+mod perf;
+mod process;
 mod sandbox;
+mod secrets;
+mod terminal;
+mod tls;
+mod types;
