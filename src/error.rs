@@ -64,17 +64,22 @@ impl DbError {
             }
             return text;
         }
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text.push_str(&format!(": {cause_text}"));
-            }
-            source = cause.source();
-        }
-        text
+        with_causes(error)
     }
+}
+
+/// An error's message followed by those of its causes that it does not already contain.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -250,42 +250,25 @@ async fn retry_or_give_up(
         return dead_letter(shared, lane, &failure, "attempts_exhausted").await;
     }
     let unit = rand::random::<f64>();
+    let wait_for = |policy: &crate::retry::RetryPolicy, attempts: u32| {
+        next_wait(
+            policy,
+            attempts,
+            retry_after,
+            settings.retry_after_max,
+            unit,
+        )
+    };
     let (wait, in_run) = match shared.mode {
-        Mode::Run => (
-            next_wait(
-                &settings.run_retry,
-                failure.attempts,
-                retry_after,
-                settings.retry_after_max,
-                unit,
-            ),
-            true,
-        ),
+        Mode::Run => (wait_for(&settings.run_retry, failure.attempts), true),
         Mode::Backfill => {
             let tries = lane.count_run_attempt(&failure.key);
             if settings.backfill_retry.allows_another(tries) {
-                (
-                    next_wait(
-                        &settings.backfill_retry,
-                        tries,
-                        retry_after,
-                        settings.retry_after_max,
-                        unit,
-                    ),
-                    true,
-                )
+                (wait_for(&settings.backfill_retry, tries), true)
             } else {
+                // This backfill is done with the row; the durable schedule takes over.
                 lane.give_up(&failure.key);
-                (
-                    next_wait(
-                        &settings.run_retry,
-                        failure.attempts,
-                        retry_after,
-                        settings.retry_after_max,
-                        unit,
-                    ),
-                    false,
-                )
+                (wait_for(&settings.run_retry, failure.attempts), false)
             }
         }
     };

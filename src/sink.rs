@@ -182,16 +182,7 @@ impl Sink {
 
     /// The error with its causes, and never the key.
     fn describe(&self, error: &reqwest::Error) -> String {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.contains(&cause_text) {
-                text.push_str(&format!(": {cause_text}"));
-            }
-            source = cause.source();
-        }
-        self.api_key.scrub(&text)
+        self.api_key.scrub(&crate::error::with_causes(error))
     }
 }
 

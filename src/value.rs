@@ -86,7 +86,9 @@ pub fn server_cast(ty: &Type) -> Option<&'static str> {
     }
 }
 
-const SCALARS: &[Type] = &[
+/// The scalar types converted here (arrays and domains of them too; `money` only through the
+/// `::numeric` cast the fetch query adds).
+pub const SCALARS: &[Type] = &[
     Type::BOOL,
     Type::INT2,
     Type::INT4,
