@@ -56,22 +56,23 @@ struct TableRead {
 }
 
 impl TableRead {
-    fn table(&self) -> String {
-        format!("{}.{}", ident(&self.schema), ident(&self.relation))
+    fn same_table(&self, other: &TableRead) -> bool {
+        (&self.schema, &self.relation) == (&other.schema, &other.relation)
     }
 }
 
-/// An identifier as a person would write it: quoted only when it has to be.
-fn ident(name: &str) -> String {
-    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        name.to_string()
-    } else {
-        quote_ident(name)
-    }
+/// An identifier as PostgreSQL itself writes it: quoted only when it has to be, keywords such
+/// as `order` included.
+async fn ident(client: &impl GenericClient, name: &str) -> Result<String, DbError> {
+    Ok(client
+        .query_one("SELECT quote_ident($1)", &[&name])
+        .await?
+        .get(0))
+}
+
+async fn qualified(client: &impl GenericClient, read: &TableRead) -> Result<String, DbError> {
+    let schema = ident(client, &read.schema).await?;
+    Ok(format!("{schema}.{}", ident(client, &read.relation).await?))
 }
 
 /// The large tables that `source`'s poll reads whole, each with the index that fixes it.
@@ -93,24 +94,29 @@ pub async fn full_scans(
     let mut seen = BTreeSet::new();
     let mut found = Vec::new();
     for read in reads {
-        if read.bounded || !seen.insert(read.table()) {
+        if read.bounded {
             continue;
         }
+        let table = qualified(&transaction, &read).await?;
         if let Some(index) = &read.index {
-            if is_partial(&transaction, &read.schema, index).await? {
+            let index = format!(
+                "{}.{}",
+                ident(&transaction, &read.schema).await?,
+                quote_ident(index)
+            );
+            if is_partial(&transaction, &index).await? {
                 continue;
             }
         }
-        let rows = estimated_rows(&transaction, &read.table()).await?;
+        if !seen.insert(table.clone()) {
+            continue;
+        }
+        let rows = estimated_rows(&transaction, &table).await?;
         if rows <= LARGE_TABLE_ROWS {
             continue;
         }
-        let fix = suggest_index(&transaction, source, &read).await?;
-        found.push(FullScan {
-            table: read.table(),
-            rows,
-            fix,
-        });
+        let fix = suggest_index(&transaction, source, &read, &table).await?;
+        found.push(FullScan { table, rows, fix });
     }
     Ok(found)
 }
@@ -197,16 +203,12 @@ fn bounds(cond: Option<String>) -> bool {
     })
 }
 
-async fn is_partial(
-    client: &impl GenericClient,
-    schema: &str,
-    index: &str,
-) -> Result<bool, DbError> {
-    let name = format!("{}.{}", ident(schema), ident(index));
+/// Whether the index (schema-qualified and quoted) has a `WHERE` clause.
+async fn is_partial(client: &impl GenericClient, index: &str) -> Result<bool, DbError> {
     let row = client
         .query_opt(
             "SELECT indpred IS NOT NULL FROM pg_index WHERE indexrelid = to_regclass($1)",
-            &[&name],
+            &[&index],
         )
         .await?;
     Ok(row.is_some_and(|row| row.get(0)))
@@ -227,18 +229,19 @@ async fn suggest_index(
     client: &impl GenericClient,
     source: &Source,
     read: &TableRead,
+    table: &str,
 ) -> Result<String, DbError> {
     let key = &source.config.key;
     let has_key = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
              AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
-            &[&read.table(), key],
+            &[&table, key],
         )
         .await?
         .get::<_, bool>(0);
     let column = if has_key {
-        ident(key)
+        ident(client, key).await?
     } else {
         "<a column>".to_string()
     };
@@ -250,28 +253,23 @@ async fn suggest_index(
     );
     let mut reads = Vec::new();
     table_reads(&explain(client, &plain, &[]).await?, &mut reads);
-    let predicate = reads
-        .iter()
-        .find(|other| other.table() == read.table())
-        .and_then(|other| {
-            other
-                .filter
-                .as_deref()
-                .map(|f| unqualified(f, &other.alias))
-        })
-        .unwrap_or_else(|| "<the query's condition for unsynced rows>".to_string());
+    let predicate = match reads.iter().find(|other| other.same_table(read)) {
+        Some(TableRead {
+            filter: Some(filter),
+            alias,
+            ..
+        }) => unqualified(filter, &ident(client, alias).await?),
+        _ => "<the query's condition for unsynced rows>".to_string(),
+    };
     Ok(format!(
-        "CREATE INDEX ON {} ({column}) WHERE {predicate};",
-        read.table()
+        "CREATE INDEX ON {table} ({column}) WHERE {predicate};"
     ))
 }
 
-/// A plan's filter with the table alias taken off its columns (`orders.synced` → `synced`).
+/// A plan's filter with the table alias (as the plan quotes it) taken off its columns
+/// (`orders.synced` becomes `synced`).
 fn unqualified(filter: &str, alias: &str) -> String {
-    let quoted = format!("{}.", ident(alias));
-    filter
-        .replace(&quoted, "")
-        .replace(&format!("{alias}."), "")
+    filter.replace(&format!("{alias}."), "")
 }
 
 #[cfg(test)]
@@ -302,7 +300,10 @@ mod tests {
         }}]);
         let found = reads(plan);
         assert_eq!(found.len(), 1);
-        assert_eq!(found[0].table(), "public.orders");
+        assert_eq!(
+            (found[0].schema.as_str(), found[0].relation.as_str()),
+            ("public", "orders")
+        );
         assert_eq!(found[0].index, None);
         assert!(!found[0].bounded);
         assert_eq!(
@@ -338,13 +339,14 @@ mod tests {
         let found = reads(plan);
         assert_eq!(found[0].index.as_deref(), Some("orders_unsynced"));
         assert!(!found[0].bounded);
-        assert_eq!(found[0].table(), "crm.\"Orders\"");
+        assert_eq!(found[0].relation, "Orders");
+        assert_eq!(found[0].schema, "crm");
     }
 
     #[test]
     fn quoted_aliases_are_taken_off_too() {
         assert_eq!(
-            unqualified("(NOT \"Order\".synced)", "Order"),
+            unqualified("(NOT \"Order\".synced)", "\"Order\""),
             "(NOT synced)"
         );
     }

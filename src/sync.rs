@@ -463,13 +463,15 @@ async fn poll_once(
     Ok(polled)
 }
 
-/// Counting reads the whole backlog, so it is done once per interval while rows flow, once when
-/// they stop, and then rarely: an idle poll is the one candidate query.
+/// Counting reads the whole backlog, so it is done once per interval while rows flow, soon
+/// after they stop (at most once a second while the last claims settle), and then rarely: an
+/// idle poll is the one candidate query.
 fn backlog_count_due(lane: &Lane, found: usize) -> bool {
+    let interval = lane.source.config.interval;
     let every = if found > 0 {
-        lane.source.config.interval
+        interval
     } else if lane.stats.backlog.load(Ordering::Relaxed) != 0 {
-        Duration::ZERO
+        interval.min(Duration::from_secs(1))
     } else {
         IDLE_RECOUNT
     };

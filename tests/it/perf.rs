@@ -312,3 +312,33 @@ async fn check_warns_about_a_large_table_without_an_index_and_shows_the_fix() {
     assert_eq!(fixed, vec![]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn the_suggested_index_quotes_a_table_named_like_a_keyword() {
+    logs();
+    let db = TestDb::new().await;
+    db.exec(&ORDERS_TABLE.replace("CREATE TABLE orders", "CREATE TABLE \"order\""))
+        .await;
+    db.exec(
+        "INSERT INTO \"order\" (user_email, order_value)
+           SELECT 'o' || g || '@example.com', 1 FROM generate_series(1, 20000) g;
+         ANALYZE \"order\";",
+    )
+    .await;
+    let mapping = orders_mapping("\\\"order\\\"");
+    let config = config(&db.url, "http://127.0.0.1:9/e", "", &mapping);
+    let (pool, sources) = connect_and_prepare(&config, None).await.expect("prepare");
+    let mut client = pool.get().await.expect("a connection");
+
+    let found = full_scans(&mut client, &sources[0]).await.expect("explain");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].table, "public.\"order\"");
+    assert_eq!(
+        found[0].fix,
+        "CREATE INDEX ON public.\"order\" (id) WHERE (NOT synced_to_resonance);"
+    );
+    db.exec(&found[0].fix).await;
+    db.exec("ANALYZE \"order\"").await;
+    let fixed = full_scans(&mut client, &sources[0]).await.expect("explain");
+    assert_eq!(fixed, vec![]);
+}
