@@ -12,7 +12,16 @@ use crate::sink::truncate;
 
 /// Runs a `dead-letters` subcommand.
 pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<(), AppError> {
-    let pool = crate::db::pool(&config.database)?;
+    let named = match &command {
+        DeadLetterCommand::List { mapping, .. } => mapping.as_deref(),
+        DeadLetterCommand::Retry(selection) | DeadLetterCommand::Purge(selection) => {
+            selection.mapping.as_deref()
+        }
+    };
+    if let Some(name) = named {
+        crate::app::known_mapping(config, name)?;
+    }
+    let pool = crate::db::pool(&config.database).map_err(|e| AppError::Config(e.to_string()))?;
     let mut client = pool.get().await.map_err(DbError::from)?;
     crate::store::ensure_schema(&mut client).await?;
     match command {

@@ -46,16 +46,22 @@ impl AppError {
     }
 }
 
+/// Refuses a mapping name the config does not define.
+pub fn known_mapping(config: &Config, name: &str) -> Result<(), AppError> {
+    if config.mappings.iter().any(|m| m.name == name) {
+        return Ok(());
+    }
+    let names: Vec<&str> = config.mappings.iter().map(|m| m.name.as_str()).collect();
+    Err(AppError::Config(format!(
+        "no mapping named '{name}' (the config has: {})",
+        names.join(", ")
+    )))
+}
+
 /// The mappings a command works on: all, or the one named.
 pub fn select_mappings(config: &mut Config, only: Option<&str>) -> Result<(), AppError> {
     if let Some(name) = only {
-        if !config.mappings.iter().any(|m| m.name == name) {
-            let names: Vec<&str> = config.mappings.iter().map(|m| m.name.as_str()).collect();
-            return Err(AppError::Config(format!(
-                "no mapping named '{name}' (the config has: {})",
-                names.join(", ")
-            )));
-        }
+        known_mapping(config, name)?;
         config.mappings.retain(|m| m.name == name);
     }
     Ok(())
@@ -67,7 +73,7 @@ pub async fn connect_and_prepare(
     config: &Config,
     wait: Option<&CancellationToken>,
 ) -> Result<(deadpool_postgres::Pool, Vec<Source>), AppError> {
-    let pool = db::pool(&config.database)?;
+    let pool = db::pool(&config.database).map_err(|e| AppError::Config(e.to_string()))?;
     let mut client = match wait {
         Some(stop) => match db::wait_for_database(&pool, stop).await {
             Some(client) => client,
@@ -89,10 +95,19 @@ pub async fn connect_and_prepare(
         }
     }
     if !problems.is_empty() {
-        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        // One line per problem; the same SQL error met by several statements is said once.
+        let mut lines: Vec<String> = Vec::new();
+        for found in &problems {
+            for problem in &found.problems {
+                let line = format!("mapping '{}': {problem}", found.mapping);
+                if !lines.contains(&line) {
+                    lines.push(line);
+                }
+            }
+        }
         return Err(AppError::Config(format!(
             "the mappings cannot be used:\n  - {}",
-            text.join("\n  - ")
+            lines.join("\n  - ")
         )));
     }
     Ok((pool, sources))
@@ -219,7 +234,7 @@ pub async fn backfill(
     let left: i64 = reports.iter().map(|r| r.left).sum();
     if rejected > 0 || left > 0 {
         return Err(AppError::RowsLeft(format!(
-            "backfill finished with {rejected} rejected and {left} left; see `resonance-sync dead-letters list`"
+            "backfill finished with {rejected} rejected and {left} left; rejected rows are in `resonance-sync dead-letters list`, rows left are retried by the next run or backfill (`resonance-sync status`)"
         )));
     }
     Ok(reports)

@@ -56,6 +56,7 @@ pub struct BackfillArgs {
 pub enum DeadLetterCommand {
     /// One line per dead letter: mapping, key, attempts, last status, reason, when.
     List {
+        /// Only this mapping's dead letters.
         #[arg(long)]
         mapping: Option<String>,
         /// Also show purged dead letters.

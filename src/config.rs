@@ -256,17 +256,14 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; on failure, every problem found.
 pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![format!("not valid TOML: {}", e.message())])?;
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| vec![format!("not valid TOML: {}", locate(text, &e))])?;
     let mut problems = unknown_keys(&table);
     if !problems.is_empty() {
         return Err(problems);
     }
-    let raw: RawConfig = match toml::Value::Table(table).try_into() {
-        Ok(raw) => raw,
-        Err(e) => return Err(vec![describe_type_error(&e)]),
-    };
+    // Parsed from the text again (not from the table) so that type errors keep their line.
+    let raw: RawConfig = toml::from_str(text).map_err(|e| vec![locate(text, &e)])?;
     let config = validate(raw, overrides, &mut problems);
     match config {
         Some(config) if problems.is_empty() => Ok(config),
@@ -274,8 +271,16 @@ pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
     }
 }
 
-fn describe_type_error(error: &toml::de::Error) -> String {
-    error.message().trim().to_string()
+/// A TOML error as one line: where it is, the line itself, and what is wrong.
+fn locate(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let line_number = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
+    format!("line {line_number} (`{line}`): {message}")
 }
 
 fn unknown_keys(table: &toml::Table) -> Vec<String> {
@@ -541,6 +546,14 @@ fn validate_endpoint(
             return None;
         }
     };
+    if !url.username().is_empty() || url.password().is_some() {
+        problems.push(
+            "[resonance] endpoint: must not hold a user name or password; the API key comes \
+             from RESONANCE_API_KEY, api_key_file or the resonance-api-key credential"
+                .to_string(),
+        );
+        return None;
+    }
     match url.scheme() {
         "https" => Some(url),
         "http" if allow_insecure_http || is_loopback_host(&url) => Some(url),

@@ -103,16 +103,24 @@ async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
     let keys = std::mem::take(delivered);
     let count = keys.len();
     match mark(shared, lane, &keys).await {
-        Ok(updated) => {
+        Ok(unmarked) => {
             lane.mark_succeeded();
-            lane.stats.add_delivered(count as u64);
-            crate::telemetry::count_event(lane.name(), "delivered", count as u64);
-            if updated < count as u64 {
-                tracing::warn!(
-                    mapping = %lane.name(), delivered = count, updated,
-                    "mark_synced updated fewer rows than were delivered; check that it \
-                     matches the key column"
+            let marked = (count - unmarked.len()) as u64;
+            lane.stats.add_delivered(marked);
+            crate::telemetry::count_event(lane.name(), "delivered", marked);
+            if !unmarked.is_empty() {
+                for _ in &unmarked {
+                    lane.stats.add_dead_lettered();
+                }
+                crate::telemetry::count_event(lane.name(), "dead_lettered", unmarked.len() as u64);
+                tracing::error!(
+                    mapping = %lane.name(), rows = unmarked.len(), keys = ?unmarked,
+                    "mark_synced did not mark rows that the API accepted; they are dead-lettered \
+                     (reason not_marked) instead of being sent again and again: fix mark_synced, \
+                     then `dead-letters retry`"
                 );
+                lane.stats
+                    .set_error("mark_synced did not mark delivered rows".to_string());
             }
         }
         Err(error) => {
@@ -137,14 +145,36 @@ async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
     lane.finish(count);
 }
 
-async fn mark(shared: &Shared, lane: &Lane, keys: &[String]) -> Result<u64, crate::error::DbError> {
+/// Marks `keys` synced and forgets their state, in one transaction. Returns the keys that
+/// `mark_synced` left unsynced (the query still returns them): those are parked as dead letters,
+/// since sending them again would only repeat the same outcome.
+async fn mark(
+    shared: &Shared,
+    lane: &Lane,
+    keys: &[String],
+) -> Result<Vec<String>, crate::error::DbError> {
     let mut client = shared.pool.get().await?;
     let transaction = client.transaction().await?;
     let updated = lane.source.mark_synced(&transaction, keys).await?;
-    store::forget(&transaction, lane.name(), keys).await?;
-    store::note_delivered(&transaction, lane.name(), keys.len() as u64).await?;
+    let mut unmarked = Vec::new();
+    if updated < keys.len() as u64 {
+        // Rows deleted meanwhile are not returned; rows mark_synced missed are.
+        for row in lane.source.fetch(&transaction, keys).await? {
+            if let Ok(key) = row.try_get::<_, String>(0) {
+                unmarked.push(key);
+            }
+        }
+    }
+    let marked: Vec<String> = keys
+        .iter()
+        .filter(|k| !unmarked.contains(k))
+        .cloned()
+        .collect();
+    store::forget(&transaction, lane.name(), &marked).await?;
+    store::park_unmarked(&transaction, lane.name(), &unmarked).await?;
+    store::note_delivered(&transaction, lane.name(), marked.len() as u64).await?;
     transaction.commit().await?;
-    Ok(updated)
+    Ok(unmarked)
 }
 
 async fn release(

@@ -92,7 +92,7 @@ pub async fn serve<W: Write + Send + 'static>(
         .route("/healthz", get(|| async { StatusCode::OK }))
         .fallback(dispatch)
         .with_state(Arc::clone(&sandbox));
-    info!(%address, "sandbox listening");
+    debug!(%address, "sandbox listening");
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
@@ -105,7 +105,7 @@ pub async fn serve<W: Write + Send + 'static>(
     served?;
     written?;
     let stats = sandbox.ledger().stats.clone();
-    info!(?stats, "sandbox stopped");
+    debug!(?stats, "sandbox stopped");
     Ok(stats)
 }
 

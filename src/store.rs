@@ -49,6 +49,19 @@ const SCHEMA_LOCK: i64 = 0x7265_736f_6e61_6e63;
 
 /// Creates the schema and tables if they are missing. Safe to run from many instances at once.
 pub async fn ensure_schema(client: &mut deadpool_postgres::Client) -> Result<(), DbError> {
+    // When everything exists, issue no DDL: a role without CREATE on the database can then run
+    // against a schema an administrator created for it.
+    let present: bool = client
+        .query_one(
+            "SELECT to_regclass('resonance_sync.deliveries') IS NOT NULL
+                AND to_regclass('resonance_sync.mapping_state') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if present {
+        return Ok(());
+    }
     let transaction = client.transaction().await?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
@@ -205,6 +218,31 @@ pub async fn forget(
         .prepare_cached(
             "DELETE FROM resonance_sync.deliveries AS d USING unnest($2::text[]) AS k(row_key)
               WHERE d.mapping = $1 AND d.row_key = k.row_key",
+        )
+        .await?;
+    client.execute(&statement, &[&mapping, &keys]).await?;
+    Ok(())
+}
+
+/// Dead-letters rows that the API accepted but `mark_synced` did not mark, so that they are not
+/// sent again in a loop; run in the marking transaction.
+pub async fn park_unmarked(
+    client: &impl GenericClient,
+    mapping: &str,
+    keys: &[String],
+) -> Result<(), DbError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let statement = client
+        .prepare_cached(
+            "UPDATE resonance_sync.deliveries
+                SET attempts = attempts + 1, lease_until = NULL, next_attempt_at = NULL,
+                    last_status = NULL, reason = 'not_marked', dead_at = now(),
+                    purged_at = NULL, updated_at = now(),
+                    last_error = 'the API accepted the event (2xx) but mark_synced left the row \
+unsynced; fix mark_synced, then dead-letters retry (the re-send carries the same Idempotency-Key)'
+              WHERE mapping = $1 AND row_key = ANY($2)",
         )
         .await?;
     client.execute(&statement, &[&mapping, &keys]).await?;

@@ -527,6 +527,11 @@ async fn dispatch(
         };
         // A query that returns a key twice yields one claim; the duplicate row is skipped.
         let Some(claim) = by_key.remove(&key) else {
+            tracing::warn!(
+                mapping = %lane.name(), key = %key,
+                "the query returned this key more than once; only the first row is sent \
+                 (make the key unique, e.g. fix the join)"
+            );
             continue;
         };
         let event = match event {

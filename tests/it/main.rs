@@ -12,6 +12,7 @@ mod delivery;
 mod exact_values;
 mod faults;
 mod fuzz;
+mod misconfig;
 mod ops;
 mod packaging;
 mod perf;

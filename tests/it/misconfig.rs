@@ -1,0 +1,144 @@
+//! Mistakes an operator makes in a config, and what the daemon says and does about them: a
+//! clear message naming the problem, the documented exit code, and no row sent in a loop.
+
+use resonance_sync::app::{self, AppError};
+use resonance_sync::config::{self, Overrides};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn a_mark_synced_that_marks_nothing_dead_letters_the_row_instead_of_resending_it() {
+    logs();
+    let db = TestDb::with_orders().await;
+    let ids = db
+        .insert_orders(&[(Some("ana.lopez@example.com"), "49.90", "EUR")])
+        .await;
+    let receiver = Receiver::start().await;
+    let mapping =
+        orders_mapping("orders").replace("WHERE id = ANY($1)", "WHERE id = ANY($1) AND false");
+    let config = config(&db.url, &receiver.endpoint(), "", &mapping);
+
+    // Before the fix this backfill re-sent the row for ever: bound it.
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), backfill(&config))
+        .await
+        .expect("the backfill ends");
+    assert!(matches!(result, Err(AppError::RowsLeft(_))), "{result:?}");
+    assert_eq!(receiver.count(), 1, "the row is sent once, not in a loop");
+    assert_eq!(
+        db.dead_letters().await,
+        vec![(ids[0].to_string(), "not_marked".to_string())]
+    );
+    assert!(db.synced_ids().await.is_empty(), "the row stays unsynced");
+
+    // A later backfill leaves the parked row alone.
+    let _ = backfill(&config).await;
+    assert_eq!(receiver.count(), 1);
+}
+
+#[tokio::test]
+async fn every_mapping_problem_is_listed_once_on_its_own_line() {
+    let db = TestDb::with_orders().await;
+    let receiver = Receiver::start().await;
+    let broken = orders_mapping("orders")
+        .replace("SELECT id, user_email", "SELECT id, id, user_email")
+        .replace("name = \"orders\"", "name = \"ambiguous\"")
+        + &orders_mapping("no_such_table").replace("name = \"orders\"", "name = \"missing\"");
+    let config = config(&db.url, &receiver.endpoint(), "", &broken);
+
+    let error = app::check(&config)
+        .await
+        .expect_err("check refuses the mappings");
+    assert_eq!(error.exit_code(), 2);
+    let text = error.to_string();
+    let lines: Vec<&str> = text.lines().skip(1).collect();
+    assert!(!lines.is_empty(), "{text}");
+    for line in &lines {
+        assert!(
+            line.starts_with("  - mapping '"),
+            "every problem is a bullet: {text}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l == &line).count(),
+            1,
+            "said once: {text}"
+        );
+    }
+    assert!(text.contains("mapping 'ambiguous'"), "{text}");
+    assert!(
+        text.contains("mapping 'missing'") && text.contains("no_such_table"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_config_type_error_names_its_line() {
+    let text = config_text(
+        "postgres://x@127.0.0.1/db",
+        "http://127.0.0.1:1/e",
+        "",
+        &orders_mapping("orders"),
+    )
+    .replace("batch_size = 50", "batch_size = \"lots\"");
+    let problems = config::parse(&text, &Overrides::default()).expect_err("refused");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("(`batch_size = \"lots\"`)"),
+        "{problems:?}"
+    );
+    assert!(problems[0].starts_with("line "), "{problems:?}");
+}
+
+#[test]
+fn an_endpoint_holding_credentials_is_refused_without_echoing_them() {
+    let text = config_text(
+        "postgres://x@127.0.0.1/db",
+        "https://user:s3cr3t-pass@api.example.com/e",
+        "",
+        &orders_mapping("orders"),
+    );
+    let problems = config::parse(&text, &Overrides::default()).expect_err("refused");
+    let joined = problems.join("\n");
+    assert!(
+        joined.contains("must not hold a user name or password"),
+        "{joined}"
+    );
+    assert!(!joined.contains("s3cr3t-pass"), "{joined}");
+}
+
+#[tokio::test]
+async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
+    let db = TestDb::with_orders().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        config_text(
+            &db.url,
+            "http://127.0.0.1:1/e",
+            "",
+            &orders_mapping("orders"),
+        ),
+    )
+    .expect("write config");
+    for args in [
+        ["list", "--mapping"],
+        ["retry", "--mapping"],
+        ["purge", "--mapping"],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+            .arg("--config")
+            .arg(&path)
+            .arg("dead-letters")
+            .args(args)
+            .arg("nosuch")
+            .env("RESONANCE_API_KEY", API_KEY)
+            .output()
+            .expect("run the binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no mapping named 'nosuch' (the config has: orders)"),
+            "{stderr}"
+        );
+    }
+}
