@@ -48,6 +48,10 @@ export RESONANCE_SYNC_CONFIG=demo/config.toml
 export RESONANCE_ENDPOINT="http://127.0.0.1:$PORT/resonance-api/manual-event"
 
 step "Starting the sandbox (a local stand-in for the Resonance API) on 127.0.0.1:$PORT"
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+    echo "port $PORT is already in use by another program; choose another: DEMO_SANDBOX_PORT=18090 $0" >&2
+    exit 1
+fi
 "$BIN" sandbox --listen "127.0.0.1:$PORT" >"$WORK/received.jsonl" 2>"$WORK/sandbox.log" &
 SANDBOX_PID=$!
 for _ in $(seq 50); do
