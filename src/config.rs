@@ -199,14 +199,15 @@ struct RawMetrics {
 }
 
 const TOP_KEYS: &[&str] = &["database", "resonance", "mapping", "metrics"];
-const DATABASE_KEYS: &[&str] = &[
+/// The keys each section accepts; anything else is refused by name.
+pub const DATABASE_KEYS: &[&str] = &[
     "url",
     "pool_size",
     "connect_timeout",
     "claim_lease",
     "timestamp_zone",
 ];
-const RESONANCE_KEYS: &[&str] = &[
+pub const RESONANCE_KEYS: &[&str] = &[
     "endpoint",
     "brand_id",
     "api_key_file",
@@ -220,7 +221,7 @@ const RESONANCE_KEYS: &[&str] = &[
     "retry_after_max",
     "allow_insecure_http",
 ];
-const MAPPING_KEYS: &[&str] = &[
+pub const MAPPING_KEYS: &[&str] = &[
     "name",
     "event_type",
     "interval",
