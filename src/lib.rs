@@ -9,7 +9,8 @@
 //! - [`mapping`] and [`value`]: a row becomes an exact JSON body and a stable `Idempotency-Key`.
 //! - [`sink`]: one HTTP POST and the meaning of its answer; [`retry`]: backoff and `Retry-After`.
 //! - [`sync`]: the per-mapping loop that claims, sends with bounded concurrency, and hands every
-//!   outcome to [`recorder`], the only place a row is marked synced; [`gate`] pauses sending when
+//!   outcome to [`recorder`], the only place a row is marked synced ([`lane`] holds what the
+//!   two share); [`gate`] pauses sending when
 //!   the API is down or refuses the key; [`listen`] wakes a loop at once on a NOTIFY.
 //! - [`app`] and [`admin`]: the commands; [`sandbox`]: a local stand-in for the API;
 //!   [`explain`] reads a mapping's query plan so `check` can warn about a missing index.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod explain;
 pub mod gate;
 pub mod health;
+pub mod lane;
 pub mod listen;
 pub mod mapping;
 pub mod progress;
