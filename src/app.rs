@@ -83,7 +83,11 @@ pub async fn connect_and_prepare(
                 )))
             }
         },
-        None => pool.get().await.map_err(DbError::from)?,
+        None => pool.get().await.map_err(|e| {
+            // Say which server: "connection refused" alone does not tell a wrong port apart.
+            let url = crate::secret::redact_database_url(config.database.url.expose());
+            DbError::Other(format!("{} (connecting to {url})", DbError::from(e)))
+        })?,
     };
     store::ensure_schema(&mut client).await?;
     let mut sources = Vec::new();
