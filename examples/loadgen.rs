@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,22 +40,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let body = format!(
                     r#"{{"brandId":"brand_bench","eventType":"purchase","userEmail":"load{n}@example.com","metadata":{{"order_id":{n},"order_value":"10.99","currency":"USD"}}}}"#
                 );
-                let response = client
-                    .post(&endpoint)
-                    .bearer_auth(&api_key)
-                    .header("Content-Type", "application/json")
-                    .header("Idempotency-Key", format!("loadgen-{n}"))
-                    .body(body)
-                    .send()
-                    .await;
-                // The body is read so that the connection goes back to the pool.
-                let ok = match response {
-                    Ok(response) => {
-                        let status = response.status();
-                        response.bytes().await.is_ok() && status.is_success()
-                    }
-                    Err(_) => false,
-                };
+                let key = format!("loadgen-{n}");
+                let ok =
+                    common::post_event(&client, &endpoint, &api_key, key, body.into_bytes()).await;
                 if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }

@@ -15,6 +15,9 @@ use std::time::Instant;
 use serde_json::json;
 use tokio_postgres::NoTls;
 
+#[path = "common/mod.rs"]
+mod common;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -57,22 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "userEmail": email,
             "metadata": { "order_id": id, "order_value": value, "currency": currency },
         });
-        let response = http
-            .post(&endpoint)
-            .bearer_auth(&api_key)
-            .header("Idempotency-Key", format!("naive-orders-{id}"))
-            .header("Content-Type", "application/json")
-            .body(serde_json::to_vec(&body)?)
-            .send()
-            .await;
-        // The body is read so that the connection is kept alive for the next POST.
-        let ok = match response {
-            Ok(response) => {
-                let status = response.status();
-                response.bytes().await.is_ok() && status.is_success()
-            }
-            Err(_) => false,
-        };
+        let key = format!("naive-orders-{id}");
+        let ok =
+            common::post_event(&http, &endpoint, &api_key, key, serde_json::to_vec(&body)?).await;
         if ok {
             db.execute(&mark, &[&id]).await?;
             delivered += 1;
