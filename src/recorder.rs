@@ -224,7 +224,8 @@ async fn attempted(
     let attempts = claim.attempts + 1;
     let duration_ms = attempt.elapsed.as_millis() as u64;
     match attempt.outcome {
-        Outcome::Delivered { .. } => unreachable_delivered(),
+        // Deliveries are batched by `record` and never reach `settle`.
+        Outcome::Delivered { .. } => Ok(()),
         Outcome::Rejected { status, body } => {
             tracing::warn!(mapping = %lane.name(), key = %claim.key, email, attempt = attempts, status, duration_ms, body = %truncate(&body, 300), "the API rejected the event; dead-lettered");
             let failure = Failure {
@@ -258,11 +259,6 @@ async fn attempted(
             retry_or_give_up(shared, lane, failure, retry_after, email, duration_ms).await
         }
     }
-}
-
-fn unreachable_delivered() -> Result<(), crate::error::DbError> {
-    // Deliveries are batched by `record` before `settle` is reached.
-    Ok(())
 }
 
 async fn retry_or_give_up(
