@@ -5,7 +5,7 @@
 //! one JSON line with its numbers exactly as received. It never logs the API key, and never prints
 //! an event twice for the same idempotency key.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{self, BufWriter, Write};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
@@ -232,14 +233,15 @@ impl Sandbox {
         if self.settings.fail_rate > 0.0 && rand::random_bool(self.settings.fail_rate) {
             return Err(Rejection::Injected);
         }
-        self.record(key, event).await
+        self.record(key, &event, body).await
     }
 
     /// Claims the idempotency key before printing, so concurrent repeats print the event once.
     async fn record(
         &self,
         key: Option<String>,
-        event: Map<String, Value>,
+        event: &Event,
+        body: &[u8],
     ) -> Result<Json<Value>, Rejection> {
         if let Some(key) = &key {
             let mut ledger = self.ledger();
@@ -250,7 +252,7 @@ impl Sandbox {
             }
         }
         if !self.settings.quiet {
-            let line = output_line(key.as_deref(), &event);
+            let line = output_line(key.as_deref(), body);
             if self.lines.send(OutputMessage::Line(line)).await.is_err() {
                 if let Some(key) = &key {
                     self.ledger().accepted_keys.remove(key);
@@ -260,8 +262,7 @@ impl Sandbox {
         }
         self.ledger().stats.accepted += 1;
         let event_id = uuid::Uuid::new_v4().to_string();
-        let event_type = event.get("eventType").and_then(Value::as_str);
-        debug!(key, event_id, event_type, "event accepted");
+        debug!(key, event_id, event.event_type, "event accepted");
         Ok(Json(json!({ "success": true, "eventId": event_id })))
     }
 
@@ -330,50 +331,67 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Rejection> {
     headers.get("idempotency-key").map(read).transpose()
 }
 
-/// Parses the body and checks its shape; numbers keep their exact digits (`arbitrary_precision`).
-fn parse_event(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
-    let value: Value =
+/// The fields of an event the sandbox looks at; the rest of the body is only checked.
+struct Event {
+    brand_id: String,
+    event_type: String,
+}
+
+/// Checks the body's shape without building a tree of it: each field is kept as raw JSON text
+/// and only the strings are decoded. (The printed line re-reads the body, numbers exact.)
+fn parse_event(body: &[u8]) -> Result<Event, Rejection> {
+    let raw: &RawValue =
         serde_json::from_slice(body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
-    let Value::Object(event) = value else {
+    if !raw.get().starts_with('{') {
         return Err(bad("body must be a JSON object"));
-    };
-    if let Some(extra) = event
+    }
+    let fields: BTreeMap<String, &RawValue> =
+        serde_json::from_str(raw.get()).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+    if let Some(extra) = fields
         .keys()
         .find(|name| !EVENT_FIELDS.contains(&name.as_str()))
     {
         return Err(bad(format!("unexpected field {extra:?}")));
     }
-    required_string(&event, "brandId")?;
-    required_string(&event, "eventType")?;
-    if !required_string(&event, "userEmail")?.contains('@') {
+    let brand_id = required_string(&fields, "brandId")?;
+    let event_type = required_string(&fields, "eventType")?;
+    if !required_string(&fields, "userEmail")?.contains('@') {
         return Err(bad("field \"userEmail\" must contain '@'"));
     }
-    match event.get("metadata") {
-        Some(Value::Object(_)) => Ok(event),
+    match fields.get("metadata") {
+        Some(metadata) if metadata.get().starts_with('{') => Ok(Event {
+            brand_id,
+            event_type,
+        }),
         Some(_) => Err(bad("field \"metadata\" must be an object")),
         None => Err(bad("missing field \"metadata\"")),
     }
 }
 
-fn required_string<'a>(event: &'a Map<String, Value>, name: &str) -> Result<&'a str, Rejection> {
-    match event.get(name) {
-        Some(Value::String(text)) if !text.trim().is_empty() => Ok(text),
-        Some(_) => Err(bad(format!("field {name:?} must be a non-empty string"))),
-        None => Err(bad(format!("missing field {name:?}"))),
+fn required_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<String, Rejection> {
+    let raw = fields
+        .get(name)
+        .ok_or_else(|| bad(format!("missing field {name:?}")))?;
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(text) if !text.trim().is_empty() => Ok(text),
+        _ => Err(bad(format!("field {name:?} must be a non-empty string"))),
     }
 }
 
-fn check_brand(expected: Option<&str>, event: &Map<String, Value>) -> Result<(), Rejection> {
-    match (expected, event.get("brandId").and_then(Value::as_str)) {
-        (Some(expected), Some(given)) if expected != given => Err(Rejection::Forbidden(format!(
-            "brandId {given:?} is not the sandbox's brand"
+fn check_brand(expected: Option<&str>, event: &Event) -> Result<(), Rejection> {
+    match expected {
+        Some(expected) if expected != event.brand_id => Err(Rejection::Forbidden(format!(
+            "brandId {:?} is not the sandbox's brand",
+            event.brand_id
         ))),
         _ => Ok(()),
     }
 }
 
 /// One output line: `{"received_at", "idempotency_key", "event"}` and a newline.
-fn output_line(key: Option<&str>, event: &Map<String, Value>) -> Vec<u8> {
+fn output_line(key: Option<&str>, body: &[u8]) -> Vec<u8> {
+    // The body was checked already; it is read again in full only to be printed.
+    let event: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let received_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut line = json!({ "received_at": received_at, "idempotency_key": key, "event": event })
         .to_string()
