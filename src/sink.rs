@@ -79,6 +79,8 @@ pub struct Sink {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     api_key: Secret,
+    /// `Bearer <key>`, built once and marked sensitive; None when the key cannot go in a header.
+    authorization: Option<HeaderValue>,
 }
 
 /// An attempt's outcome and how long it took.
@@ -101,10 +103,17 @@ impl Sink {
             .user_agent(concat!("resonance-sync/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let authorization = HeaderValue::from_str(&format!("Bearer {}", api_key.expose()))
+            .ok()
+            .map(|mut value| {
+                value.set_sensitive(true);
+                value
+            });
         Ok(Sink {
             client,
             endpoint: config.endpoint.clone(),
             api_key,
+            authorization,
         })
     }
 
@@ -119,20 +128,15 @@ impl Sink {
     }
 
     async fn attempt(&self, event: &OutgoingEvent) -> Outcome {
-        let mut headers = HeaderMap::new();
+        let Some(authorization) = &self.authorization else {
+            return Outcome::Refused {
+                status: 0,
+                body: "the API key holds characters that cannot go in a header".to_string(),
+            };
+        };
+        let mut headers = HeaderMap::with_capacity(3);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        match HeaderValue::from_str(&format!("Bearer {}", self.api_key.expose())) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                headers.insert(AUTHORIZATION, value);
-            }
-            Err(_) => {
-                return Outcome::Refused {
-                    status: 0,
-                    body: "the API key holds characters that cannot go in a header".to_string(),
-                }
-            }
-        }
+        headers.insert(AUTHORIZATION, authorization.clone());
         if let Ok(value) = HeaderValue::from_str(&event.idempotency_key) {
             headers.insert(IDEMPOTENCY_HEADER, value);
         }
