@@ -4,7 +4,7 @@
 //! sends the same bytes under the same key.
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Column, Row};
 
@@ -74,7 +74,34 @@ struct Body<'a> {
     event_type: &'a str,
     #[serde(rename = "userEmail")]
     user_email: &'a str,
-    metadata: Map<String, Value>,
+    metadata: Fields<'a>,
+}
+
+/// The metadata object, written in the mapping's field order without building a map per row.
+struct Fields<'a>(Vec<(&'a str, Value)>);
+
+impl Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (field, value) in &self.0 {
+            map.serialize_entry(field, value)?;
+        }
+        map.end()
+    }
+}
+
+/// One entry per field name, at the place it first appears; a later column with the same name
+/// wins (as a JSON object keeps only one value per name).
+fn unique_fields(pairs: Vec<(String, usize)>) -> Vec<(String, usize)> {
+    let mut fields: Vec<(String, usize)> = Vec::with_capacity(pairs.len());
+    for (field, index) in pairs {
+        match fields.iter_mut().find(|(name, _)| *name == field) {
+            Some(slot) => slot.1 = index,
+            None => fields.push((field, index)),
+        }
+    }
+    fields
 }
 
 /// The stable `Idempotency-Key` of a row: the same for every attempt, run and instance.
@@ -137,6 +164,7 @@ impl RowShape {
                 .map(|(i, c)| (c.name().to_string(), i))
                 .collect(),
         };
+        let metadata_indices = unique_fields(metadata_indices);
         let minor_units = match (&config.amount_minor_units, &config.currency) {
             (Some(amount), Some(currency)) => Some(MinorUnits {
                 amount: find("amount_minor_units", amount),
@@ -222,7 +250,7 @@ impl RowShape {
                     "the email column is NULL or blank".to_string(),
                 )
             })?;
-        let mut metadata = Map::new();
+        let mut metadata = Vec::with_capacity(self.metadata.len());
         for (field, index) in &self.metadata {
             let cell: Cell = row
                 .try_get(*index)
@@ -235,13 +263,13 @@ impl RowShape {
                     .major_units(row, units, field, value)
                     .map_err(|(reason, detail)| reject(reason, detail))?;
             }
-            metadata.insert(field.clone(), value);
+            metadata.push((field.as_str(), value));
         }
         let body = Body {
             brand_id: &context.brand_id,
             event_type: &context.event_type,
             user_email: &email,
-            metadata,
+            metadata: Fields(metadata),
         };
         let body = serde_json::to_vec(&body)
             .map_err(|e| reject("invalid_row".to_string(), e.to_string()))?;
@@ -366,6 +394,25 @@ mod tests {
             idempotency_key("b", "ab", "c")
         );
         assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn a_repeated_field_name_keeps_its_first_place_and_its_last_column() {
+        let pairs = vec![
+            ("total".to_string(), 2),
+            ("id".to_string(), 3),
+            ("total".to_string(), 5),
+        ];
+        assert_eq!(
+            unique_fields(pairs),
+            vec![("total".to_string(), 5), ("id".to_string(), 3)]
+        );
+        let body = serde_json::to_string(&Fields(vec![
+            ("b", Value::from(1)),
+            ("a", Value::from("x")),
+        ]))
+        .unwrap();
+        assert_eq!(body, r#"{"b":1,"a":"x"}"#);
     }
 
     #[test]
