@@ -19,7 +19,7 @@ use crate::sync::{Lane, Mode, Shared};
 
 /// Most keys marked in one statement.
 const MARK_BATCH: usize = 500;
-/// Longest a delivered row waits for its mark.
+/// Longest a delivered row waits for its mark while other rows are still being sent.
 const MARK_DELAY: Duration = Duration::from_millis(25);
 
 /// One thing the recorder must write down.
@@ -66,7 +66,9 @@ pub async fn record(shared: Arc<Shared>, lane: Arc<Lane>, mut records: mpsc::Rec
                     note_answer(&lane, &attempt, &claim.key);
                     delivered.push(claim.key);
                     deadline.get_or_insert_with(|| Instant::now() + MARK_DELAY);
-                    if delivered.len() >= MARK_BATCH {
+                    // Nothing else claimed is still on its way (the last rows of a backfill, a
+                    // single new order): waiting for more to share the statement gains nothing.
+                    if delivered.len() >= MARK_BATCH || delivered.len() >= lane.inflight() {
                         flush(&shared, &lane, &mut delivered).await;
                         deadline = None;
                     }
