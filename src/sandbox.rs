@@ -340,13 +340,15 @@ struct Event {
 /// Checks the body's shape without building a tree of it: each field is kept as raw JSON text
 /// and only the strings are decoded. (The printed line re-reads the body, numbers exact.)
 fn parse_event(body: &[u8]) -> Result<Event, Rejection> {
-    let raw: &RawValue =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
-    if !raw.get().starts_with('{') {
-        return Err(bad("body must be a JSON object"));
-    }
-    let fields: BTreeMap<String, &RawValue> =
-        serde_json::from_str(raw.get()).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+    // One pass reads a valid event; only a body it refuses is read again, to say whether it is
+    // not JSON at all or JSON of another shape.
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body).map_err(|refused| {
+        match serde_json::from_slice::<&RawValue>(body) {
+            Ok(raw) if !raw.get().starts_with('{') => bad("body must be a JSON object"),
+            Ok(_) => bad(format!("body is not valid JSON: {refused}")),
+            Err(e) => bad(format!("body is not valid JSON: {e}")),
+        }
+    })?;
     if let Some(extra) = fields
         .keys()
         .find(|name| !EVENT_FIELDS.contains(&name.as_str()))
