@@ -1,5 +1,6 @@
 //! The commands `run`, `backfill` and `check`: set-up, the sync itself, and what is printed.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -169,6 +170,7 @@ pub async fn build_engine(
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
         started: SystemTime::now(),
+        database_down: AtomicBool::new(false),
     });
     let lanes = sources
         .into_iter()

@@ -129,6 +129,7 @@ async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
             // Only a statement the server refused pauses the mapping; a database outage is
             // waited out by the poll loop, and pausing on it would delay the recovery.
             let pause = if error.is_unavailable() {
+                shared.note_database_down();
                 Duration::ZERO
             } else {
                 lane.mark_failed()

@@ -5,7 +5,7 @@
 //! mark: a request in flight always finishes and is recorded.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,9 +24,12 @@ pub use crate::lane::Lane;
 
 /// Batches a mapping may hold claimed before claiming another. Rows count until their outcome is
 /// written down, and delivered rows wait up to the recorder's mark delay for that: with one
-/// batch, the senders would idle while each batch's marks commit; with two, the next batch is
-/// fetched and waiting while the current one is sent and marked.
-const CLAIM_AHEAD: usize = 2;
+/// batch, the senders would idle while each batch's marks commit. With two, a fast API empties
+/// the batch being sent (500 rows in about 25 ms) before the last one's mark has committed and
+/// the next one is claimed and fetched, and the senders stall whenever the database is a little
+/// slow; four keep the senders fed through a slow commit. Memory stays bounded: a few thousand
+/// rows at most.
+const CLAIM_AHEAD: usize = 4;
 
 /// Claimed rows between two vacuums of the daemon's table.
 const VACUUM_EVERY: usize = 10_000;
@@ -72,6 +75,10 @@ pub struct Shared {
     pub fatal: Mutex<Option<String>>,
     /// When this backfill began: rows whose wait was set before then are due now.
     pub started: SystemTime,
+    /// A mark failed because the database could not be reached, and no poll has reached it
+    /// since. Claimed rows are not sent meanwhile: their 2xx could not be written down, so each
+    /// would be sent again later.
+    pub database_down: AtomicBool,
 }
 
 impl Shared {
@@ -86,6 +93,11 @@ impl Shared {
     /// The reason a backfill stopped early, if it did.
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Holds back sending after a mark found the database unreachable.
+    pub fn note_database_down(&self) {
+        self.database_down.store(true, Ordering::Release);
     }
 
     fn backfill_started(&self) -> Option<SystemTime> {
@@ -139,7 +151,8 @@ async fn renew_leases(shared: Arc<Shared>, lanes: Vec<Arc<Lane>>) {
 
 /// One mapping: its loop and its recorder.
 async fn sync_lane(shared: Arc<Shared>, lane: Arc<Lane>) {
-    let capacity = lane.source.config.batch_size * 2 + shared.settings.concurrency;
+    // Every record settles a claimed row, so a channel this large never makes a sender wait.
+    let capacity = lane.source.config.batch_size * CLAIM_AHEAD + shared.settings.concurrency;
     let (records, receiver) = mpsc::channel(capacity);
     let recorder = tokio::spawn(record(shared.clone(), lane.clone(), receiver));
     poll(&shared, &lane, &records).await;
@@ -295,6 +308,7 @@ async fn poll_once(
         .source
         .candidates(&client, limit, shared.backfill_started(), &given_up)
         .await?;
+    shared.database_down.store(false, Ordering::Release);
     if backlog_count_due(lane, keys.len()) {
         refresh_backlog(&client, lane).await;
     }
@@ -425,8 +439,9 @@ async fn dispatch(
         };
         let Ok(permit) = permit else { break };
         // When the API turns out to be down (or refuses the key) half-way through a batch, the
-        // rest is released and waits for the gate's probe instead of failing at full rate.
-        if shared.gate.is_paused() {
+        // rest is released and waits for the gate's probe instead of failing at full rate. When
+        // the database is down, the rest waits too: a 2xx that cannot be marked means a resend.
+        if shared.gate.is_paused() || shared.database_down.load(Ordering::Acquire) {
             by_key.insert(claim.key.clone(), claim);
             break;
         }
