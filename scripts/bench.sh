@@ -62,6 +62,10 @@ BIN=target/release/resonance-sync
 NAIVE=target/release/examples/naive
 LOADGEN=target/release/examples/loadgen
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# The machine's CPU counters (/proc/stat): "total steal", for the share of time a virtual
+# machine's hypervisor gave to others, which slows every figure in the table.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 11; i++) t += $i; print t, $9 }' /proc/stat; }
+CPU_BEFORE=$(cpu_ticks)
 
 # A backlog of `rows` orders, all unsynced, with the partial index the README asks for.
 make_template() {
@@ -224,6 +228,12 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 10485
     "PostgreSQL $pg_version (synchronous_commit=$commit) on the same machine"
 echo "load average (1, 5, 15 min): $LOAD_BEFORE before, $(cut -d' ' -f1-3 /proc/loadavg) after" \
     "(other work on the machine makes every figure noisier)"
+read -r total_before steal_before <<<"$CPU_BEFORE"
+read -r total_after steal_after <<<"$(cpu_ticks)"
+echo "CPU time taken by the hypervisor (steal) during the run:" \
+    "$(awk -v s=$((steal_after - steal_before)) -v t=$((total_after - total_before)) \
+        'BEGIN { printf "%.0f%%", (t > 0 ? 100 * s / t : 0) }')" \
+    "(on a virtual machine; a high share slows every figure)"
 echo "resonance-sync: concurrency $CONCURRENCY, batch_size $BATCH; naive: one request at a time;" \
     "with an instant API each rate is the median of $RUNS runs"
 echo
