@@ -15,11 +15,14 @@ use crate::error::DbError;
 /// The schema that holds the daemon's state.
 pub const SCHEMA: &str = "resonance_sync";
 
+/// The key columns compare bytes (`COLLATE "C"`): keys are identifiers, and on a database whose
+/// default collation follows a language (ICU or libc `en_US`), comparing them by its rules took
+/// 15 to 20% of PostgreSQL's CPU in a drain.
 const SCHEMA_SQL: &str = "
 CREATE SCHEMA IF NOT EXISTS resonance_sync;
 CREATE TABLE IF NOT EXISTS resonance_sync.deliveries (
-    mapping          text        NOT NULL,
-    row_key          text        NOT NULL,
+    mapping          text COLLATE \"C\" NOT NULL,
+    row_key          text COLLATE \"C\" NOT NULL,
     attempts         integer     NOT NULL DEFAULT 0,
     lease_until      timestamptz,
     claimed_by       uuid,
@@ -101,7 +104,7 @@ pub async fn claim(
         .prepare_cached(
             "INSERT INTO resonance_sync.deliveries AS d (mapping, row_key, lease_until, claimed_by)
              SELECT $1, k, now() + $3::bigint * interval '1 millisecond', $4
-               FROM (SELECT DISTINCT unnest($2::text[]) AS k) AS keys ORDER BY k
+               FROM (SELECT DISTINCT unnest($2::text[]) COLLATE \"C\" AS k) AS keys ORDER BY k
              ON CONFLICT (mapping, row_key) DO UPDATE
                 SET lease_until = EXCLUDED.lease_until, claimed_by = EXCLUDED.claimed_by
               WHERE d.dead_at IS NULL

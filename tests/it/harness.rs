@@ -37,10 +37,15 @@ pub struct TestDb {
 impl TestDb {
     /// Creates `rs_test_<random>` and connects to it.
     pub async fn new() -> TestDb {
+        TestDb::with_options("").await
+    }
+
+    /// Creates `rs_test_<random>` with `CREATE DATABASE` options (a locale, say).
+    pub async fn with_options(options: &str) -> TestDb {
         let name = format!("rs_test_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&format!("{}/postgres", server_url())).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .expect("create the test database");
         let url = format!("{}/{name}", server_url());
