@@ -102,6 +102,11 @@ pub struct SandboxArgs {
     /// Do not print accepted events.
     #[arg(long)]
     pub quiet: bool,
+    /// Threads that answer requests; 0 (the default) uses one per core. One thread answers tens
+    /// of thousands of requests a second and takes less CPU from a daemon and a database on the
+    /// same machine, but answers a burst of delayed requests (--latency) more slowly.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {

@@ -492,3 +492,81 @@ async fn shutdown_finishes_requests_in_flight_and_prints_them() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!((stats.accepted, lines.len()), (1, 1));
 }
+
+/// `resonance-sync sandbox --threads N`, the binary itself: one thread, one per core (0, the
+/// default) or a set number each answer concurrent events, print each once and stop on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_concurrent_events_on_any_number_of_threads() {
+    use crate::process::{json_lines, Process, Scratch};
+    let scratch = Scratch::new();
+    let config = scratch.0.join("unused.toml");
+    for threads in ["1", "0", "3"] {
+        let mut sandbox = Process::spawn(
+            &scratch.0,
+            &config,
+            &[
+                "--log-format",
+                "json",
+                "sandbox",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                threads,
+                "--latency",
+                "5ms",
+            ],
+            &[("RESONANCE_API_KEY", KEY)],
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let address = loop {
+            let found = json_lines(&sandbox).iter().find_map(|line| {
+                line["address"]
+                    .as_str()
+                    .filter(|_| {
+                        line["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("sandbox listening"))
+                    })
+                    .map(str::to_string)
+            });
+            if let Some(address) = found {
+                break address;
+            }
+            assert!(
+                sandbox.running(),
+                "--threads {threads}: the sandbox exited: {:?}",
+                sandbox.stderr()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "--threads {threads}: the sandbox never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let client = reqwest::Client::new();
+        let url = format!("http://{address}{ENDPOINT}");
+        let sends = (0..40).map(|n| {
+            client
+                .post(&url)
+                .bearer_auth(KEY)
+                .header("content-type", JSON)
+                .header("idempotency-key", format!("threads-{threads}-{n}"))
+                .body(EVENT)
+                .send()
+        });
+        let statuses: Vec<u16> = futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|answer| answer.expect("an answer").status().as_u16())
+            .collect();
+        assert_eq!(statuses, vec![200; 40], "--threads {threads}");
+
+        assert!(
+            sandbox.stop().await.success(),
+            "--threads {threads}: {:?}",
+            sandbox.stderr()
+        );
+        let printed = sandbox.stdout().len();
+        assert_eq!(printed, 40, "--threads {threads}: every event printed once");
+    }
+}
