@@ -105,13 +105,66 @@ pub struct SandboxArgs {
     /// Threads that answer requests; 0 (the default) uses one per core. One thread answers tens
     /// of thousands of requests a second and takes less CPU from a daemon and a database on the
     /// same machine, but answers a burst of delayed requests (--latency) more slowly.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_threads)]
     pub threads: usize,
+}
+
+/// The most threads `--threads` takes: more than a test stand-in can use, few enough that a typo
+/// does not start a hundred thousand of them.
+const MAX_THREADS: usize = 256;
+
+fn parse_threads(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(threads) if threads <= MAX_THREADS => Ok(threads),
+        _ => Err(format!(
+            "'{text}' is not a number of threads from 0 (one per core) to {MAX_THREADS}"
+        )),
+    }
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
         _ => Err(format!("'{text}' is not a share between 0 and 1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(args: &[&str]) -> Result<SandboxArgs, String> {
+        let argv = ["resonance-sync", "sandbox"].iter().chain(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Sandbox(args) => Ok(args),
+            other => Err(format!("parsed as {other:?}")),
+        }
+    }
+
+    #[test]
+    fn sandbox_threads_default_to_one_per_core_and_take_a_bounded_count() {
+        assert_eq!(sandbox(&[]).unwrap().threads, 0);
+        assert_eq!(sandbox(&["--threads", "1"]).unwrap().threads, 1);
+        assert_eq!(sandbox(&["--threads", "256"]).unwrap().threads, 256);
+        for bad in ["257", "100000", "-1", "two"] {
+            let error = sandbox(&[&format!("--threads={bad}")]).unwrap_err();
+            assert!(
+                error.contains(&format!("'{bad}' is not a number of threads from 0")),
+                "--threads {bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn sandbox_fail_rate_is_a_share() {
+        assert_eq!(sandbox(&["--fail-rate", "0.25"]).unwrap().fail_rate, 0.25);
+        let error = sandbox(&["--fail-rate", "1.5"]).unwrap_err();
+        assert!(
+            error.contains("'1.5' is not a share between 0 and 1"),
+            "{error}"
+        );
     }
 }
