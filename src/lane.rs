@@ -29,6 +29,10 @@ pub struct Lane {
     pub(crate) run_attempts: Mutex<HashMap<String, u32>>,
     pub(crate) given_up: Mutex<Vec<String>>,
     pub(crate) mark_failures: AtomicU32,
+    /// Claims this process holds but no longer works on, which it could not give back because
+    /// the database was unreachable: given back by the next poll that reaches it. Left alone,
+    /// their leases would be renewed with the rest, and the rows not sent while work goes on.
+    pub(crate) stranded: Mutex<Vec<String>>,
     /// Rows claimed since start, to pace [`vacuum`].
     pub(crate) claimed_rows: AtomicUsize,
     /// Shows the watchdog and `/healthz` that this lane's loop is alive.
@@ -51,6 +55,7 @@ impl Lane {
             retry_due: Mutex::new(Vec::new()),
             run_attempts: Mutex::new(HashMap::new()),
             given_up: Mutex::new(Vec::new()),
+            stranded: Mutex::new(Vec::new()),
             mark_failures: AtomicU32::new(0),
             claimed_rows: AtomicUsize::new(0),
             heartbeat: crate::health::Heartbeat::default(),
@@ -105,6 +110,21 @@ impl Lane {
 
     pub(crate) fn given_up(&self) -> Vec<String> {
         self.given_up.lock().map(|k| k.clone()).unwrap_or_default()
+    }
+
+    /// Claims on `keys` could not be given back; the next poll that reaches the database does.
+    pub fn strand(&self, keys: impl IntoIterator<Item = String>) {
+        if let Ok(mut stranded) = self.stranded.lock() {
+            stranded.extend(keys);
+        }
+    }
+
+    /// The stranded claims, to be given back now.
+    pub(crate) fn take_stranded(&self) -> Vec<String> {
+        self.stranded
+            .lock()
+            .map(|mut k| std::mem::take(&mut *k))
+            .unwrap_or_default()
     }
 
     /// Counts claimed rows; true each time another `every` of them have been claimed.

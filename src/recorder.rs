@@ -38,6 +38,15 @@ pub enum Record {
 }
 
 impl Record {
+    /// The keys of the claimed rows this record settles.
+    fn keys(&self) -> Vec<String> {
+        match self {
+            Record::Attempted { claim, .. } => vec![claim.key.clone()],
+            Record::Unsendable(row) => vec![row.key.clone()],
+            Record::Release(keys) => keys.clone(),
+        }
+    }
+
     /// How many claimed rows this record settles.
     fn rows(&self) -> usize {
         match self {
@@ -141,7 +150,8 @@ async fn flush(shared: &Shared, lane: &Lane, delivered: &mut Vec<String>) {
             );
             lane.stats.set_error(format!("mark_synced failed: {error}"));
             if let Err(error) = release(shared, lane, &keys).await {
-                tracing::warn!(mapping = %lane.name(), %error, "releasing claims failed; they expire with their lease");
+                tracing::warn!(mapping = %lane.name(), %error, "releasing claims failed; they are released once the database is reached again");
+                lane.strand(keys);
             }
         }
     }
@@ -191,6 +201,7 @@ async fn release(
 
 /// Writes down everything but a delivery.
 async fn settle(shared: &Shared, lane: &Lane, record: Record) {
+    let keys = record.keys();
     let result = match record {
         Record::Release(keys) => release(shared, lane, &keys).await,
         Record::Unsendable(row) => {
@@ -213,7 +224,8 @@ async fn settle(shared: &Shared, lane: &Lane, record: Record) {
         }
     };
     if let Err(error) = result {
-        tracing::warn!(mapping = %lane.name(), %error, "recording an outcome failed; the row's claim expires with its lease and it is tried again");
+        tracing::warn!(mapping = %lane.name(), %error, rows = keys.len(), "recording an outcome failed; the claim is given back once the database is reached again, and the row is tried again");
+        lane.strand(keys);
     }
 }
 

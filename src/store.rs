@@ -132,6 +132,10 @@ pub async fn claim(
 }
 
 /// Renews every lease this instance holds. Called periodically while work is in hand.
+///
+/// Claims locked by another transaction are skipped, not waited for: they are being marked or
+/// released right now (their lease ends anyway), and a renewal that waited for them, locking
+/// claims in its own order meanwhile, could deadlock with a mark locking them in another.
 pub async fn renew_leases(
     client: &impl GenericClient,
     instance: uuid::Uuid,
@@ -139,9 +143,13 @@ pub async fn renew_leases(
 ) -> Result<u64, DbError> {
     let statement = client
         .prepare_cached(
-            "UPDATE resonance_sync.deliveries
+            "UPDATE resonance_sync.deliveries AS d
                 SET lease_until = now() + $2::bigint * interval '1 millisecond'
-              WHERE claimed_by = $1 AND lease_until IS NOT NULL",
+               FROM (SELECT mapping, row_key FROM resonance_sync.deliveries
+                      WHERE claimed_by = $1 AND lease_until IS NOT NULL
+                      FOR UPDATE SKIP LOCKED) AS mine
+              WHERE d.mapping = mine.mapping AND d.row_key = mine.row_key
+                AND d.claimed_by = $1",
         )
         .await?;
     Ok(client

@@ -303,6 +303,15 @@ async fn poll_once(
 ) -> Result<Polled, crate::error::DbError> {
     let name = lane.name();
     let client = shared.pool.get().await?;
+    let stranded = lane.take_stranded();
+    if !stranded.is_empty() {
+        // Given back before looking for candidates, so that these rows are among them.
+        if let Err(error) = store::release(&client, name, &stranded, shared.instance).await {
+            lane.strand(stranded);
+            return Err(error);
+        }
+        tracing::info!(mapping = %name, rows = stranded.len(), "gave back claims left over from a database outage; their rows are tried again");
+    }
     let given_up = lane.given_up();
     let keys = lane
         .source

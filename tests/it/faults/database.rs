@@ -273,3 +273,127 @@ async fn a_failed_mark_is_resent_with_the_same_key_and_body_and_ends_synced() {
         "the failure is logged"
     );
 }
+
+/// A claim being marked (locked by the mark's transaction) is skipped by the lease renewal, not
+/// waited for: a renewal that waited, holding other claims' locks meanwhile, could deadlock with
+/// a mark that locks the same claims in another order (seen with two instances on one backlog).
+#[tokio::test]
+async fn renewing_leases_skips_a_claim_locked_by_a_mark_instead_of_waiting_for_it() {
+    let db = TestDb::with_orders().await;
+    let config = parse(&config_text(
+        &db.url,
+        "http://127.0.0.1:9/unused",
+        "",
+        &orders_mapping("orders"),
+    ));
+    let pool = resonance_sync::db::pool(&config.database).expect("a pool");
+    let mut client = pool.get().await.expect("a connection");
+    resonance_sync::store::ensure_schema(&mut client)
+        .await
+        .expect("the daemon's schema");
+    let instance = uuid::Uuid::new_v4();
+    db.client
+        .execute(
+            "INSERT INTO resonance_sync.deliveries (mapping, row_key, lease_until, claimed_by)
+             SELECT 'orders', k::text, now() + interval '1 second', $1
+               FROM generate_series(1, 3) k",
+            &[&instance],
+        )
+        .await
+        .expect("three claims");
+    // Another session holds claim 2, as a mark's DELETE would until it commits.
+    let mut marker = connect(&db.url).await;
+    let mark = marker.transaction().await.expect("begin");
+    mark.execute(
+        "SELECT 1 FROM resonance_sync.deliveries WHERE row_key = '2' FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("lock claim 2");
+
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(5),
+        resonance_sync::store::renew_leases(&client, instance, Duration::from_secs(60)),
+    )
+    .await
+    .expect("the renewal waited for a locked claim")
+    .expect("the renewal succeeds");
+    assert_eq!(renewed, 2, "claims 1 and 3 are renewed, claim 2 is skipped");
+    mark.rollback().await.expect("rollback");
+    let long: Vec<String> = db
+        .column(
+            "SELECT row_key FROM resonance_sync.deliveries
+              WHERE lease_until > now() + interval '30 seconds' ORDER BY row_key",
+        )
+        .await;
+    assert_eq!(long, ["1", "3"]);
+}
+
+/// C24: claims a mapping could not give back while PostgreSQL was down (rows held back, or
+/// delivered but not marked) are given back by the first poll that reaches it again. They used
+/// to be renewed with the claims in hand for as long as work went on, and their rows waited for
+/// the whole backlog (or, under steady traffic, for ever).
+#[tokio::test]
+async fn claims_stranded_by_an_outage_are_given_back_while_the_backlog_is_still_draining() {
+    let (cluster, url) = cluster_with_orders().await;
+    let client = connect(&url).await;
+    log_mark_times(&client).await;
+    insert_many(&client, 4000).await;
+    let ledger = Ledger::default();
+    let receiver =
+        Receiver::scripted(ledger.wrap(|_| Reply::ok().after(Duration::from_millis(20)))).await;
+    // Leases renewed every 2 s: a stranded claim would outlive the 4 s allowed below.
+    let config = tune(
+        &config_text(&url, &receiver.endpoint(), "", &orders_mapping("orders")),
+        &[("database", "claim_lease", s("6s"))],
+    );
+    let daemon = Daemon::start(parse(&config));
+    wait_until(
+        Duration::from_secs(20),
+        "part of the backlog is delivered",
+        || async { unsynced(&client).await <= 3800 },
+    )
+    .await;
+
+    cluster.stop().await;
+    let down_at = SystemTime::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_again().await;
+    let client = connect(&url).await;
+    // Claims made before the outage and still held: the claim rows inserted then.
+    let held_from_before = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM resonance_sync.deliveries
+                  WHERE lease_until IS NOT NULL AND updated_at < $1",
+                &[&down_at],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0))
+            .unwrap_or(i64::MAX)
+    };
+    wait_until(
+        Duration::from_secs(4),
+        "no claim from before the outage is still held",
+        || async { held_from_before().await == 0 },
+    )
+    .await;
+    let left = unsynced(&client).await;
+    assert!(
+        left > 400,
+        "only {left} rows left when the stranded claims were given back: the backlog was not \
+         still draining, and the test proves nothing"
+    );
+
+    wait_until(
+        Duration::from_secs(40),
+        "the whole backlog is delivered",
+        || async { unsynced(&client).await == 0 },
+    )
+    .await;
+    daemon.stop().await.expect("the same run stops cleanly");
+    assert_marked_only_after_a_2xx(&client, &ledger).await;
+    for (order, answers) in ledger.by_order() {
+        assert_same_key_and_body(&order, &answers);
+    }
+}
