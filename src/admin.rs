@@ -31,7 +31,7 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
         DeadLetterCommand::Retry(selection) => {
             let sql = "DELETE FROM resonance_sync.deliveries WHERE dead_at IS NOT NULL AND ";
             let count = apply(&client, sql, &selection, true).await?;
-            println!(
+            crate::say!(
                 "{count} dead letter(s) put back in line; the next run or backfill sends them"
             );
             Ok(())
@@ -40,7 +40,7 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
             let sql = "UPDATE resonance_sync.deliveries SET purged_at = now() \
                        WHERE dead_at IS NOT NULL AND purged_at IS NULL AND ";
             let count = apply(&client, sql, &selection, false).await?;
-            println!("{count} dead letter(s) purged; their rows stay unsynced and are not sent unless retried with --key");
+            crate::say!("{count} dead letter(s) purged; their rows stay unsynced and are not sent unless retried with --key");
             Ok(())
         }
     }
@@ -65,12 +65,17 @@ async fn list(
         .await
         .map_err(DbError::from)?;
     if rows.is_empty() {
-        println!("no dead letters");
+        crate::say!("no dead letters");
         return Ok(());
     }
-    println!(
+    crate::say!(
         "{:<16} {:<20} {:>8} {:>6}  {:<20} {:<20} detail",
-        "MAPPING", "KEY", "ATTEMPTS", "STATUS", "REASON", "WHEN"
+        "MAPPING",
+        "KEY",
+        "ATTEMPTS",
+        "STATUS",
+        "REASON",
+        "WHEN"
     );
     for row in &rows {
         let status: Option<i32> = row.get(3);
@@ -81,7 +86,7 @@ async fn list(
         } else {
             ""
         };
-        println!(
+        crate::say!(
             "{:<16} {:<20} {:>8} {:>6}  {:<20} {:<20} {}{purged_mark}",
             row.get::<_, String>(0),
             row.get::<_, String>(1),
@@ -92,7 +97,7 @@ async fn list(
             truncate(&error.replace('\n', " "), 120),
         );
     }
-    println!("{} dead letter(s)", rows.len());
+    crate::say!("{} dead letter(s)", rows.len());
     Ok(())
 }
 
@@ -179,19 +184,19 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
                 row.get::<_, i64>(2)
             )
         });
-        println!("mapping '{name}'");
-        println!("  backlog (unsynced, not dead-lettered): {backlog}");
-        println!("  retrying:                              {retrying}");
-        println!(
+        crate::say!("mapping '{name}'");
+        crate::say!("  backlog (unsynced, not dead-lettered): {backlog}");
+        crate::say!("  retrying:                              {retrying}");
+        crate::say!(
             "  claimed now:                           {}",
             state.get::<_, i64>(2)
         );
-        println!(
+        crate::say!(
             "  dead letters:                          {}",
             state.get::<_, i64>(1)
         );
-        println!("  oldest unsynced row's age:             {oldest}");
-        println!("  last success:                          {last_success}");
+        crate::say!("  oldest unsynced row's age:             {oldest}");
+        crate::say!("  last success:                          {last_success}");
     }
     Ok(())
 }

@@ -232,7 +232,7 @@ pub async fn backfill(
             left,
         });
     }
-    println!("{}", crate::progress::summary(&reports, started.elapsed()));
+    crate::say!("{}", crate::progress::summary(&reports, started.elapsed()));
     if let Some(fatal) = engine.shared.fatal() {
         return Err(AppError::Refused(format!("backfill stopped: {fatal}")));
     }
@@ -249,34 +249,38 @@ pub async fn backfill(
 /// `check`: validates, connects, prepares, and prints one sample event per mapping.
 pub async fn check(config: &Config) -> Result<(), AppError> {
     let (pool, sources) = connect_and_prepare(config, None).await?;
-    println!(
+    crate::say!(
         "config: ok ({} mapping{})",
         sources.len(),
         if sources.len() == 1 { "" } else { "s" }
     );
-    println!("endpoint: {}", config.resonance.endpoint);
-    println!("brand_id: {}", config.resonance.brand_id);
+    crate::say!("endpoint: {}", config.resonance.endpoint);
+    crate::say!("brand_id: {}", config.resonance.brand_id);
     match &config.resonance.api_key {
-        Some(_) => println!("api key: set"),
+        Some(_) => crate::say!("api key: set"),
         None => {
-            println!("api key: NOT SET (run and backfill need RESONANCE_API_KEY or api_key_file)")
+            crate::say!(
+                "api key: NOT SET (run and backfill need RESONANCE_API_KEY or api_key_file)"
+            )
         }
     }
     let mut client = pool.get().await.map_err(DbError::from)?;
     for source in &sources {
         let name = &source.config.name;
         let backlog = source.backlog(&client).await?;
-        println!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
+        crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
         match crate::explain::full_scans(&mut client, source).await {
-            Ok(scans) => scans.iter().for_each(|scan| println!("{}", scan.warning())),
+            Ok(scans) => scans
+                .iter()
+                .for_each(|scan| crate::say!("{}", scan.warning())),
             Err(error) => {
-                println!("  note: could not read the query's plan to check indexes: {error}")
+                crate::say!("  note: could not read the query's plan to check indexes: {error}")
             }
         }
         let keys = source.candidates(&client, 1, None, &[]).await?;
         let rows = source.fetch(&client, &keys).await?;
         let Some(row) = rows.first() else {
-            println!("  no unsynced row to show a sample from");
+            crate::say!("  no unsynced row to show a sample from");
             continue;
         };
         let context = EventContext {
@@ -286,15 +290,17 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
         };
         match source.shape.event(&context, row) {
             Ok(event) => {
-                println!(
+                crate::say!(
                     "  sample (not sent): Idempotency-Key {}",
                     event.idempotency_key
                 );
-                println!("  {}", String::from_utf8_lossy(&event.body));
+                crate::say!("  {}", String::from_utf8_lossy(&event.body));
             }
-            Err(row) => println!(
+            Err(row) => crate::say!(
                 "  sample row {} cannot be sent ({}: {}); it would be dead-lettered",
-                row.key, row.reason, row.detail
+                row.key,
+                row.reason,
+                row.detail
             ),
         }
     }

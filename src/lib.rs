@@ -37,6 +37,7 @@ pub mod health;
 pub mod lane;
 pub mod listen;
 pub mod mapping;
+pub mod output;
 pub mod progress;
 pub mod recorder;
 pub mod retry;

@@ -7,7 +7,7 @@ use clap::Parser;
 use resonance_sync::app::{self, AppError};
 use resonance_sync::cli::{Cli, Command};
 use resonance_sync::config::{self, Overrides};
-use resonance_sync::{admin, shutdown, telemetry};
+use resonance_sync::{admin, output, shutdown, telemetry};
 
 /// mimalloc instead of the system allocator: the hot path allocates a little per request
 /// (headers, bodies, futures), and glibc's malloc showed up at about a tenth of the CPU.
@@ -24,7 +24,12 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    if let Some(failure) = output::failure() {
+        eprintln!("error: cannot write to standard output: {failure}");
+    }
+    match result {
+        Ok(()) if output::failure().is_some() => ExitCode::from(output::EXIT_OUTPUT),
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

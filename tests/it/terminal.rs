@@ -183,3 +183,65 @@ async fn status_shows_the_last_success_and_the_oldest_failing_row() {
     assert!(last.starts_with(&today), "{last}");
     assert!(last.ends_with("ago; 2 delivered in all)"), "{last}");
 }
+
+/// The binary with `args` and stdout sent to `stdout`: its exit code and its stderr.
+fn run_with_stdout(setup: &Setup, args: &[&str], stdout: Stdio) -> (Option<i32>, String) {
+    let output = Command::new(BIN)
+        .current_dir(&setup.scratch.0)
+        .arg("--config")
+        .arg(&setup.config)
+        .args(args)
+        .env("RESONANCE_API_KEY", API_KEY)
+        .env("RUST_LOG", "warn")
+        .env_remove("RESONANCE_ENDPOINT")
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `status | head -1`, `check > /dev/full`: a reader that goes away is not an error, a stdout
+/// that cannot be written is one (exit 74, said on stderr), and neither is a panic. (Two
+/// workers: the receiver answers while a worker waits for the binary.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_or_full_stdout_is_reported_without_a_panic() {
+    let setup = Setup::new("").await;
+    setup.insert(3).await;
+    let commands: [&[&str]; 3] = [&["status"], &["check"], &["dead-letters", "list"]];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let (code, stderr) = run_with_stdout(&setup, args, Stdio::from(writer));
+        assert!(
+            !stderr.contains("panicked"),
+            "{args:?} | (closed): {stderr}"
+        );
+        assert_eq!(code, Some(0), "{args:?} | (closed): {stderr}");
+
+        let full = std::fs::File::create("/dev/full").expect("/dev/full");
+        let (code, stderr) = run_with_stdout(&setup, args, Stdio::from(full));
+        assert!(
+            !stderr.contains("panicked"),
+            "{args:?} > /dev/full: {stderr}"
+        );
+        assert_eq!(code, Some(74), "{args:?} > /dev/full: {stderr}");
+        assert!(
+            stderr.contains("error: cannot write to standard output: No space left on device"),
+            "{args:?} > /dev/full: {stderr}"
+        );
+    }
+
+    // A backfill delivers its rows before it prints its summary: the rows are marked, and the
+    // lost summary is still an error.
+    setup.receiver.set_script(|_| Reply::ok());
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let (code, stderr) = run_with_stdout(&setup, &["backfill"], Stdio::from(full));
+    assert_eq!(code, Some(74), "backfill > /dev/full: {stderr}");
+    assert_eq!(setup.db.synced_ids().await.len(), 3);
+}
