@@ -152,7 +152,10 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
                 "SELECT count(*) FILTER (WHERE dead_at IS NULL AND attempts > 0),
                         count(*) FILTER (WHERE dead_at IS NOT NULL AND purged_at IS NULL),
                         count(*) FILTER (WHERE lease_until > now()),
-                        extract(epoch FROM now() - min(first_attempt_at) FILTER (WHERE dead_at IS NULL))::bigint
+                        extract(epoch FROM now() - min(first_attempt_at) FILTER (WHERE dead_at IS NULL))::bigint,
+                        to_char(min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0)
+                                AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        extract(epoch FROM min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0) - now())::bigint
                    FROM resonance_sync.deliveries WHERE mapping = $1",
                 &[name],
             )
@@ -176,6 +179,17 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
             None if backlog > 0 => "none failing; the rest wait for their next poll".into(),
             None => "-".into(),
         };
+        let next_retry = match (
+            state.get::<_, Option<String>>(4),
+            state.get::<_, Option<i64>>(5),
+        ) {
+            (Some(at), Some(wait)) if wait > 0 => format!(
+                "{at} (in {}; `backfill` tries them now)",
+                humantime::format_duration(std::time::Duration::from_secs(wait as u64))
+            ),
+            (Some(at), Some(_)) => format!("{at} (due now)"),
+            _ => "-".into(),
+        };
         let last_success = success.map_or("never".to_string(), |row| {
             format!(
                 "{} ({}; {} delivered in all)",
@@ -187,6 +201,7 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
         crate::say!("mapping '{name}'");
         crate::say!("  backlog (unsynced, not dead-lettered): {backlog}");
         crate::say!("  retrying:                              {retrying}");
+        crate::say!("  next retry due:                        {next_retry}");
         crate::say!(
             "  claimed now:                           {}",
             state.get::<_, i64>(2)

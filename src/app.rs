@@ -240,7 +240,7 @@ pub async fn backfill(
     let left: i64 = reports.iter().map(|r| r.left).sum();
     if rejected > 0 || left > 0 {
         return Err(AppError::RowsLeft(format!(
-            "backfill finished with {rejected} rejected and {left} left; rejected rows are in `resonance-sync dead-letters list`, rows left are retried by the next run or backfill (`resonance-sync status`)"
+            "backfill finished with {rejected} rejected and {left} left; rejected rows are in `resonance-sync dead-letters list`, rows left are tried again by the next backfill at once, or by `run` when their next retry is due (`resonance-sync status` shows when)"
         )));
     }
     Ok(reports)

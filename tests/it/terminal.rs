@@ -173,6 +173,13 @@ async fn status_shows_the_last_success_and_the_oldest_failing_row() {
         .collect();
     assert_eq!(lines["backlog (unsynced, not dead-lettered)"], "1");
     assert_eq!(lines["retrying"], "1");
+    // Retry-After 3600 is capped at retry_after_max (5 minutes).
+    let next = &lines["next retry due"];
+    assert!(
+        (next.contains("(in 4m") || next.contains("(in 5m"))
+            && next.ends_with("; `backfill` tries them now)"),
+        "{next}"
+    );
     assert_eq!(lines["dead letters"], "0");
     assert!(
         lines["oldest unsynced row's age"].starts_with("2h "),
