@@ -269,6 +269,14 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
         let name = &source.config.name;
         let backlog = source.backlog(&client).await?;
         crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
+        let without_key = source.rows_without_key(&client).await?;
+        if without_key > 0 {
+            crate::say!(
+                "  warning: {without_key} row(s) have no key ({} is NULL): they are never sent, \
+                 marked or dead-lettered; give them a key or leave them out of the query",
+                source.config.key
+            );
+        }
         match crate::explain::full_scans(&mut client, source).await {
             Ok(scans) => scans
                 .iter()

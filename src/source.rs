@@ -223,6 +223,17 @@ impl Source {
             .get(0))
     }
 
+    /// Rows the query returns without a key. They can be neither claimed nor marked, so they
+    /// are never sent: `check` says how many there are.
+    pub async fn rows_without_key(&self, client: &impl GenericClient) -> Result<i64, DbError> {
+        let sql = format!(
+            "SELECT count(*) FROM {} AS q WHERE q.{} IS NULL",
+            subquery(&self.config.query),
+            quote_ident(&self.config.key)
+        );
+        Ok(client.query_one(&sql, &[]).await?.get(0))
+    }
+
     /// Runs the mapping's `mark_synced` for keys that each received a 2xx.
     pub async fn mark_synced(
         &self,

@@ -142,3 +142,65 @@ async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
         );
     }
 }
+
+/// A row whose key is NULL can be neither claimed nor marked: `check` says how many the query
+/// returns, instead of leaving them unsent in silence.
+#[tokio::test]
+async fn check_warns_about_rows_without_a_key() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE imports (ref text, user_email text, synced boolean NOT NULL DEFAULT false);
+         INSERT INTO imports (ref, user_email) VALUES
+           ('A-1', 'a@example.com'), (NULL, 'b@example.com'), (NULL, 'c@example.com');",
+    )
+    .await;
+    let mapping = r#"
+[[mapping]]
+name = "imports"
+event_type = "signup"
+key = "ref"
+email = "user_email"
+query = "SELECT ref, user_email FROM imports WHERE NOT synced"
+mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
+"#;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        config_text(&db.url, "http://127.0.0.1:1/e", "", mapping),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("RESONANCE_API_KEY", API_KEY)
+        .output()
+        .expect("run the binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("mapping 'imports': 1 unsynced row(s) to deliver")
+            && stdout.contains(
+                "warning: 2 row(s) have no key (ref is NULL): they are never sent, marked or \
+                 dead-lettered"
+            ),
+        "{stdout}"
+    );
+
+    // Once every row has a key, the warning goes.
+    db.exec("UPDATE imports SET ref = 'A-' || user_email WHERE ref IS NULL")
+        .await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("RESONANCE_API_KEY", API_KEY)
+        .output()
+        .expect("run the binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("3 unsynced row(s)") && !stdout.contains("have no key"),
+        "{stdout}"
+    );
+}
