@@ -168,6 +168,41 @@ fn retry_policies_follow_the_keys_set() {
 }
 
 #[test]
+fn an_empty_retry_schedule_is_refused() {
+    let found = problems(&MINIMAL.replace("[resonance]", "[resonance]\nretry_schedule = []"));
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with("[resonance] retry_schedule is empty: list at least one wait")),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it() {
+    for key in [
+        "sk_live_ABC\nDEF",
+        "sk_live_ABC\u{7f}",
+        "sk_live_ABC\u{1b}[0m",
+    ] {
+        let overrides = Overrides {
+            api_key: Some(key.to_string()),
+            ..Overrides::default()
+        };
+        let found = parse(MINIMAL, &overrides).expect_err("a bad key is refused");
+        let text = found.join("\n");
+        assert!(
+            text.contains("the API key holds characters that cannot go in an HTTP header"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sk_live_ABC") && !text.contains("clé"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn metadata_keeps_file_order() {
     let text = MINIMAL.to_string() + "[mapping.metadata]\norder_id = \"id\"\norder_value = \"total\"\ncurrency = \"currency\"\n";
     let config = parse_ok(&text);

@@ -38,6 +38,17 @@ pub(super) fn validate_resonance(
         }
     };
     let api_key = load_api_key(overrides, raw.api_key_file.as_deref(), problems);
+    if api_key.as_ref().is_some_and(|key| {
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err()
+    }) {
+        // The key itself is not shown, not even in part.
+        problems.push(
+            "the API key holds characters that cannot go in an HTTP header (a line break or another \
+             control character): check RESONANCE_API_KEY, api_key_file or \
+             the resonance-api-key credential"
+                .to_string(),
+        );
+    }
     let concurrency = raw.concurrency.unwrap_or(16);
     if !(1..=1024).contains(&concurrency) {
         problems.push(format!(
@@ -111,6 +122,13 @@ fn validate_retry(
             })
             .collect::<Vec<_>>()
     });
+    if raw.retry_schedule.as_ref().is_some_and(Vec::is_empty) {
+        problems.push(
+            "[resonance] retry_schedule is empty: list at least one wait (\"5s\", \"5m\", ...), or \
+             leave the key out for the default"
+                .to_string(),
+        );
+    }
     let (initial, max) = (initial?, max?);
     if initial > max {
         problems.push(format!(
