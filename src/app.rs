@@ -267,9 +267,20 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     for source in &sources {
         let name = &source.config.name;
-        let backlog = source.backlog(&client).await?;
+        // A query can prepare and still fail when it runs (a division by zero, a bad cast of
+        // one row's value): say which mapping's. An outage stays a database error (exit 3).
+        let in_mapping = |error: DbError| {
+            if error.is_unavailable() {
+                AppError::Database(error)
+            } else {
+                AppError::Config(format!(
+                    "mapping '{name}': query: it fails when run: {error}"
+                ))
+            }
+        };
+        let backlog = source.backlog(&client).await.map_err(in_mapping)?;
         crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
-        let without_key = source.rows_without_key(&client).await?;
+        let without_key = source.rows_without_key(&client).await.map_err(in_mapping)?;
         if without_key > 0 {
             crate::say!(
                 "  warning: {without_key} row(s) have no key ({} is NULL): they are never sent, \
@@ -285,8 +296,11 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
                 crate::say!("  note: could not read the query's plan to check indexes: {error}")
             }
         }
-        let keys = source.candidates(&client, 1, None, &[]).await?;
-        let rows = source.fetch(&client, &keys).await?;
+        let keys = source
+            .candidates(&client, 1, None, &[])
+            .await
+            .map_err(in_mapping)?;
+        let rows = source.fetch(&client, &keys).await.map_err(in_mapping)?;
         let Some(row) = rows.first() else {
             crate::say!("  no unsynced row to show a sample from");
             continue;
@@ -343,7 +357,10 @@ pub async fn sandbox(args: crate::cli::SandboxArgs) -> Result<(), AppError> {
         listener,
         settings,
         std::io::stdout(),
-        crate::shutdown::on_signal(),
+        crate::shutdown::on_signal_saying(
+            "sandbox stopping: answering the requests in flight",
+            "second signal: sandbox exiting now",
+        ),
     )
     .await
     .map_err(|e| AppError::Config(format!("sandbox failed: {e}")))?;

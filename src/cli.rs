@@ -97,7 +97,7 @@ pub struct SandboxArgs {
     #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     pub fail_rate: f64,
     /// Delay before each answer, e.g. 20ms.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = parse_latency)]
     pub latency: Duration,
     /// Do not print accepted events.
     #[arg(long)]
@@ -119,6 +119,17 @@ fn parse_threads(text: &str) -> Result<usize, String> {
         _ => Err(format!(
             "'{text}' is not a number of threads from 0 (one per core) to {MAX_THREADS}"
         )),
+    }
+}
+
+/// The longest `--latency`: a stand-in API slower than this is not one a test can wait for.
+const MAX_LATENCY: Duration = Duration::from_secs(3600);
+
+fn parse_latency(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(latency) if latency <= MAX_LATENCY => Ok(latency),
+        Ok(_) => Err(format!("'{text}' is longer than the longest latency, 1h")),
+        Err(error) => Err(format!("'{text}' is not a duration such as 20ms: {error}")),
     }
 }
 
@@ -156,6 +167,25 @@ mod tests {
                 "--threads {bad}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn sandbox_latency_is_a_duration_up_to_an_hour() {
+        assert_eq!(
+            sandbox(&["--latency", "20ms"]).unwrap().latency,
+            Duration::from_millis(20)
+        );
+        assert_eq!(sandbox(&["--latency", "1h"]).unwrap().latency, MAX_LATENCY);
+        let error = sandbox(&["--latency", "99999999999999h"]).unwrap_err();
+        assert!(
+            error.contains("is longer than the longest latency, 1h"),
+            "{error}"
+        );
+        let error = sandbox(&["--latency", "5"]).unwrap_err();
+        assert!(
+            error.contains("'5' is not a duration such as 20ms"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -380,7 +380,7 @@ pub fn log_transition(mapping: &str, transition: Option<Transition>) {
         ),
         Some(Transition::Opened { trouble: Trouble::Refused { status }, pause, .. }) => tracing::error!(
             mapping, status, pause_s = pause.as_secs_f64(),
-            "the API refuses this daemon's requests; nothing is marked or dead-lettered; retrying slowly"
+            "the API refuses this daemon's requests; nothing is marked or dead-lettered; `run` tries again slowly, `backfill` stops"
         ),
         Some(Transition::Closed { after_pauses }) => tracing::info!(mapping, after_pauses, "the API is answering again; resuming"),
         None => {}

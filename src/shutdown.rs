@@ -4,16 +4,22 @@ use tokio_util::sync::CancellationToken;
 
 /// A token cancelled at the first SIGTERM or SIGINT.
 pub fn on_signal() -> CancellationToken {
+    on_signal_saying(
+        "stopping: no new rows are claimed; requests in flight finish and are marked",
+        "second signal: exiting now; unfinished claims expire with their lease",
+    )
+}
+
+/// As [`on_signal`], with what the process says at the first and the second signal.
+pub fn on_signal_saying(stopping: &'static str, exiting: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!(
-            "stopping: no new rows are claimed; requests in flight finish and are marked"
-        );
+        tracing::info!("{stopping}");
         cancel.cancel();
         wait_for_signal().await;
-        tracing::warn!("second signal: exiting now; unfinished claims expire with their lease");
+        tracing::warn!("{exiting}");
         std::process::exit(130);
     });
     token

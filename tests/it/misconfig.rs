@@ -204,3 +204,37 @@ mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
         "{stdout}"
     );
 }
+
+/// A query that prepares but fails when it runs (here on a row's value) is named by `check`,
+/// with the server's message, as a mapping problem (exit 2).
+#[tokio::test]
+async fn check_names_the_mapping_whose_query_fails_when_run() {
+    let db = TestDb::with_orders().await;
+    db.insert_orders(&[(Some("a@example.com"), "10.00", "USD")])
+        .await;
+    let mapping = orders_mapping("orders").replace(
+        "SELECT id, user_email, order_value, currency FROM orders",
+        "SELECT id, user_email, order_value, currency, 1 / (id - id) AS boom FROM orders",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("RESONANCE_API_KEY", API_KEY)
+        .output()
+        .expect("run the binary");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("mapping 'orders': query: it fails when run: ")
+            && stderr.contains("division by zero"),
+        "{stderr}"
+    );
+}
