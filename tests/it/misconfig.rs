@@ -170,13 +170,7 @@ mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
         config_text(&db.url, "http://127.0.0.1:1/e", "", mapping),
     )
     .expect("write config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
-        .arg("--config")
-        .arg(&path)
-        .arg("check")
-        .env("RESONANCE_API_KEY", API_KEY)
-        .output()
-        .expect("run the binary");
+    let output = check(&path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(
@@ -191,13 +185,7 @@ mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
     // Once every row has a key, the warning goes.
     db.exec("UPDATE imports SET ref = 'A-' || user_email WHERE ref IS NULL")
         .await;
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
-        .arg("--config")
-        .arg(&path)
-        .arg("check")
-        .env("RESONANCE_API_KEY", API_KEY)
-        .output()
-        .expect("run the binary");
+    let output = check(&path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("3 unsynced row(s)") && !stdout.contains("have no key"),
@@ -223,13 +211,7 @@ async fn check_names_the_mapping_whose_query_fails_when_run() {
         config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping),
     )
     .expect("write config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
-        .arg("--config")
-        .arg(&path)
-        .arg("check")
-        .env("RESONANCE_API_KEY", API_KEY)
-        .output()
-        .expect("run the binary");
+    let output = check(&path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
@@ -237,4 +219,15 @@ async fn check_names_the_mapping_whose_query_fails_when_run() {
             && stderr.contains("division by zero"),
         "{stderr}"
     );
+}
+
+/// `resonance-sync --config <path> check`.
+fn check(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(path)
+        .arg("check")
+        .env("RESONANCE_API_KEY", API_KEY)
+        .output()
+        .expect("run check")
 }
