@@ -417,21 +417,38 @@ async fn dispatch(
 ) {
     let mut by_key: HashMap<String, Claim> =
         claims.into_iter().map(|c| (c.key.clone(), c)).collect();
-    for row in rows {
-        let event = lane.source.shape.event(&lane.context, &row);
+    let mut rows_per_key: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        if let Ok(key) = row.try_get::<_, &str>(0) {
+            *rows_per_key.entry(key).or_default() += 1;
+        }
+    }
+    for row in &rows {
+        let event = lane.source.shape.event(&lane.context, row);
         let key = match &event {
             Ok(event) => event.key.clone(),
             Err(unsendable) => unsendable.key.clone(),
         };
-        // A query that returns a key twice yields one claim; the duplicate row is skipped.
+        // A key the query returns for several rows is none of them: `mark_synced` would mark
+        // them all after one 2xx. The key is dead-lettered once, and no row of it is sent.
+        let count = rows_per_key.get(key.as_str()).copied().unwrap_or(1);
         let Some(claim) = by_key.remove(&key) else {
-            tracing::warn!(
-                mapping = %lane.name(), key = %key,
-                "the query returned this key more than once; only the first row is sent \
-                 (make the key unique, e.g. fix the join)"
-            );
             continue;
         };
+        if count > 1 {
+            let detail = format!(
+                "the query returned {count} rows with this key; none is sent, since mark_synced \
+                 would mark them all after one 2xx (make the key unique, e.g. fix the join)"
+            );
+            let _ = records
+                .send(Record::Unsendable(crate::mapping::Unsendable {
+                    key: claim.key,
+                    reason: "duplicate_key".to_string(),
+                    detail,
+                }))
+                .await;
+            continue;
+        }
         let event = match event {
             Ok(event) => event,
             Err(unsendable) => {

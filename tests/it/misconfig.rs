@@ -231,3 +231,43 @@ fn check(path: &std::path::Path) -> std::process::Output {
         .output()
         .expect("run check")
 }
+
+/// A key the query returns for two rows: `mark_synced` marks by key, so sending one of them
+/// would mark the other without its own 2xx. Neither is sent; the key is one dead letter with
+/// reason `duplicate_key`, and the other rows go on.
+#[tokio::test]
+async fn a_key_returned_for_several_rows_is_dead_lettered_and_none_of_them_is_sent() {
+    logs();
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE imports (ref text, user_email text, synced boolean NOT NULL DEFAULT false);
+         INSERT INTO imports (ref, user_email) VALUES
+           ('R-1', 'first@example.com'), ('R-1', 'second@example.com'), ('R-2', 'other@example.com');",
+    )
+    .await;
+    let mapping = r#"
+[[mapping]]
+name = "orders"
+event_type = "signup"
+key = "ref"
+email = "user_email"
+query = "SELECT ref, user_email FROM imports WHERE NOT synced"
+mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
+"#;
+    let receiver = Receiver::start().await;
+    let config = config(&db.url, &receiver.endpoint(), "", mapping);
+    let result = backfill(&config).await;
+    assert!(matches!(result, Err(AppError::RowsLeft(_))), "{result:?}");
+    let sent: Vec<String> = receiver.seen().iter().map(Seen::email).collect();
+    assert_eq!(sent, ["other@example.com"]);
+    assert_eq!(
+        db.dead_letters().await,
+        vec![("R-1".to_string(), "duplicate_key".to_string())]
+    );
+    assert_eq!(
+        db.column("SELECT user_email FROM imports WHERE synced ORDER BY 1")
+            .await,
+        ["other@example.com"],
+        "both rows of R-1 stay unsynced"
+    );
+}
