@@ -171,6 +171,7 @@ pub async fn build_engine(
         fatal: Mutex::new(None),
         started: SystemTime::now(),
         database_down: AtomicBool::new(false),
+        broken: Mutex::new(Vec::new()),
     });
     let lanes = sources
         .into_iter()
@@ -235,6 +236,13 @@ pub async fn backfill(
     crate::say!("{}", crate::progress::summary(&reports, started.elapsed()));
     if let Some(fatal) = engine.shared.fatal() {
         return Err(AppError::Refused(format!("backfill stopped: {fatal}")));
+    }
+    let broken = engine.shared.broken();
+    if !broken.is_empty() {
+        return Err(AppError::Database(DbError::Other(format!(
+            "the server refuses a statement, and the backfill gave up on {}: fix it, then run the backfill again (`resonance-sync check` shows the error)",
+            broken.join("; ")
+        ))));
     }
     let rejected: u64 = reports.iter().map(|r| r.rejected).sum();
     let left: i64 = reports.iter().map(|r| r.left).sum();

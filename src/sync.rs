@@ -31,6 +31,10 @@ pub use crate::lane::Lane;
 /// rows at most.
 const CLAIM_AHEAD: usize = 4;
 
+/// Polls in a row whose statement the server refuses before a backfill gives a mapping up (a
+/// deadlock or a serialization failure passes on retry; a broken query does not).
+const BACKFILL_STATEMENT_TRIES: u32 = 3;
+
 /// Claimed rows between two vacuums of the daemon's table.
 const VACUUM_EVERY: usize = 10_000;
 
@@ -79,6 +83,8 @@ pub struct Shared {
     /// since. Claimed rows are not sent meanwhile: their 2xx could not be written down, so each
     /// would be sent again later.
     pub database_down: AtomicBool,
+    /// Mappings a backfill stopped reading because the server refuses their statements.
+    pub broken: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -93,6 +99,11 @@ impl Shared {
     /// The reason a backfill stopped early, if it did.
     pub fn fatal(&self) -> Option<String> {
         self.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Mappings this backfill gave up on, each with the server's error.
+    pub fn broken(&self) -> Vec<String> {
+        self.broken.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     /// Holds back sending after a mark found the database unreachable.
@@ -200,11 +211,32 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
                 db_failures = 0;
                 polled
             }
-            Err(error) => {
+            Err(error) if error.is_unavailable() => {
                 db_failures += 1;
                 let wait = db_wait(db_failures, config.interval);
                 tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
                 lane.stats.set_error(format!("database: {error}"));
+                if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
+                    return;
+                }
+                continue;
+            }
+            Err(error) => {
+                // The server answered and refused a statement: the mapping's query fails when
+                // run (on some row's value), or a permission is missing. Waiting does not fix
+                // that, so a backfill gives this mapping up after a few tries; `run` goes on
+                // trying, with backoff, and says so as an error.
+                db_failures += 1;
+                let wait = db_wait(db_failures, config.interval);
+                tracing::error!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+                lane.stats
+                    .set_error(format!("the database refuses a statement: {error}"));
+                if shared.mode == Mode::Backfill && db_failures >= BACKFILL_STATEMENT_TRIES {
+                    if let Ok(mut broken) = shared.broken.lock() {
+                        broken.push(format!("mapping '{}': {error}", config.name));
+                    }
+                    return;
+                }
                 if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
                     return;
                 }

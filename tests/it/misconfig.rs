@@ -271,3 +271,46 @@ mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
         "both rows of R-1 stay unsynced"
     );
 }
+
+/// A query that fails when run is not a database outage: a backfill gives that mapping up after
+/// a few tries and ends with exit 3 naming it and the server's error, while the other mappings
+/// are delivered. (It used to wait for the database to come back, for ever.)
+#[tokio::test]
+async fn a_backfill_gives_up_a_mapping_whose_query_fails_when_run_and_ends() {
+    logs();
+    let db = TestDb::with_orders().await;
+    db.insert_orders(&[(Some("a@example.com"), "10.00", "USD")])
+        .await;
+    db.exec(
+        "CREATE TABLE imports (id bigint PRIMARY KEY, user_email text,
+                               synced boolean NOT NULL DEFAULT false);
+         INSERT INTO imports (id, user_email) VALUES (1, 'b@example.com');",
+    )
+    .await;
+    let broken = r#"
+[[mapping]]
+name = "broken"
+event_type = "signup"
+interval = "200ms"
+key = "id"
+email = "user_email"
+query = "SELECT id, user_email, 1 / (id - id) AS boom FROM imports WHERE NOT synced"
+mark_synced = "UPDATE imports SET synced = true WHERE id = ANY($1)"
+"#;
+    let receiver = Receiver::start().await;
+    let mappings = format!("{}{broken}", orders_mapping("orders"));
+    let config = config(&db.url, &receiver.endpoint(), "", &mappings);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), backfill(&config))
+        .await
+        .expect("the backfill ends");
+    let error = result.expect_err("the broken mapping fails the backfill");
+    assert_eq!(error.exit_code(), 3, "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("gave up on mapping 'broken': ") && text.contains("division by zero"),
+        "{text}"
+    );
+    let sent: Vec<String> = receiver.seen().iter().map(Seen::email).collect();
+    assert_eq!(sent, ["a@example.com"], "the other mapping is delivered");
+    assert_eq!(db.synced_ids().await.len(), 1);
+}
