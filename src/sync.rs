@@ -211,31 +211,26 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
                 db_failures = 0;
                 polled
             }
-            Err(error) if error.is_unavailable() => {
-                db_failures += 1;
-                let wait = db_wait(db_failures, config.interval);
-                tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
-                lane.stats.set_error(format!("database: {error}"));
-                if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
-                    return;
-                }
-                continue;
-            }
             Err(error) => {
-                // The server answered and refused a statement: the mapping's query fails when
-                // run (on some row's value), or a permission is missing. Waiting does not fix
-                // that, so a backfill gives this mapping up after a few tries; `run` goes on
-                // trying, with backoff, and says so as an error.
                 db_failures += 1;
                 let wait = db_wait(db_failures, config.interval);
-                tracing::error!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
-                lane.stats
-                    .set_error(format!("the database refuses a statement: {error}"));
-                if shared.mode == Mode::Backfill && db_failures >= BACKFILL_STATEMENT_TRIES {
-                    if let Ok(mut broken) = shared.broken.lock() {
-                        broken.push(format!("mapping '{}': {error}", config.name));
+                if error.is_unavailable() {
+                    tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
+                    lane.stats.set_error(format!("database: {error}"));
+                } else {
+                    // The server answered and refused a statement: the mapping's query fails
+                    // when run (on some row's value), or a permission is missing. Waiting does
+                    // not fix that, so a backfill gives this mapping up after a few tries; `run`
+                    // goes on trying, with backoff, and says so as an error.
+                    tracing::error!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+                    lane.stats
+                        .set_error(format!("the database refuses a statement: {error}"));
+                    if shared.mode == Mode::Backfill && db_failures >= BACKFILL_STATEMENT_TRIES {
+                        if let Ok(mut broken) = shared.broken.lock() {
+                            broken.push(format!("mapping '{}': {error}", config.name));
+                        }
+                        return;
                     }
-                    return;
                 }
                 if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
                     return;
