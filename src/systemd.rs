@@ -50,6 +50,14 @@ impl Systemd {
     pub fn ready(&self, status: &str) {
         self.notify(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
+
+    /// Shutdown has begun.
+    fn stopping(&self) {
+        self.notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping: finishing the requests in flight"),
+        ]);
+    }
 }
 
 /// Until `finished`: pings the watchdog while the loops are alive, keeps the status line fresh,
@@ -71,14 +79,19 @@ pub async fn supervise(
     let mut last_status = String::new();
     loop {
         tokio::select! {
-            _ = finished.cancelled() => return,
+            // Shutdown first: when the loops end at once, both are ready by the time this task
+            // runs, and systemd must still hear STOPPING=1 before the process exits.
+            biased;
             _ = shutdown.cancelled(), if !stopping => {
                 stopping = true;
-                systemd.notify(&[
-                    NotifyState::Stopping,
-                    NotifyState::Status("stopping: finishing the requests in flight"),
-                ]);
+                systemd.stopping();
                 continue;
+            }
+            _ = finished.cancelled() => {
+                if !stopping {
+                    systemd.stopping();
+                }
+                return;
             }
             _ = ticker.tick() => {}
         }

@@ -45,6 +45,11 @@ async fn systemd_hears_ready_status_watchdog_pings_and_stopping() {
 
     let status = daemon.stop().await;
     assert!(status.success(), "exit {status:?}");
+    // The datagram was sent before the exit, but this test's reader may not have run since.
+    wait_until(Duration::from_secs(2), "STOPPING=1", || async {
+        notify.position("STOPPING=1").is_some()
+    })
+    .await;
     let stopping = notify.position("STOPPING=1").expect("STOPPING=1 was sent");
     assert!(stopping > notify.position("READY=1").unwrap());
 }
