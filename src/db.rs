@@ -123,12 +123,28 @@ pub async fn wait_for_database(
     stop: &CancellationToken,
 ) -> Option<deadpool_postgres::Client> {
     let mut wait = Duration::from_millis(500);
+    let mut failures = 0u32;
+    let since = tokio::time::Instant::now();
+    let mut told = since;
     loop {
         match pool.get().await {
-            Ok(client) => return Some(client),
+            Ok(client) => {
+                if failures > 0 {
+                    tracing::info!(
+                        failures,
+                        down_s = since.elapsed().as_secs(),
+                        "the database answers again"
+                    );
+                }
+                return Some(client);
+            }
             Err(error) => {
-                let error = DbError::from(error);
-                tracing::warn!(%error, retry_in_s = wait.as_secs_f64(), "database unavailable; waiting for it");
+                failures += 1;
+                if worth_telling(failures, told.elapsed()) {
+                    told = tokio::time::Instant::now();
+                    let error = DbError::from(error);
+                    tracing::warn!(%error, failures, retry_in_s = wait.as_secs_f64(), "database unavailable; waiting for it");
+                }
             }
         }
         tokio::select! {
@@ -136,5 +152,25 @@ pub async fn wait_for_database(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Whether the `failures`th failed attempt in a row is logged: the 1st, 2nd, 4th, 8th and so on,
+/// and at least every ten minutes (`since_told`), so that a long outage does not flood the log.
+pub fn worth_telling(failures: u32, since_told: Duration) -> bool {
+    failures.is_power_of_two() || since_told >= Duration::from_secs(600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_outage_is_told_at_growing_intervals() {
+        let soon = Duration::from_secs(1);
+        let told: Vec<u32> = (1..=100).filter(|&n| worth_telling(n, soon)).collect();
+        assert_eq!(told, vec![1, 2, 4, 8, 16, 32, 64]);
+        assert!(worth_telling(1000, Duration::from_secs(600)));
+        assert!(!worth_telling(1000, Duration::from_secs(599)));
     }
 }

@@ -184,6 +184,8 @@ struct Polled {
 async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Record>) {
     let config = &lane.source.config;
     let mut db_failures = 0u32;
+    let mut failing_since = Instant::now();
+    let mut logged_at = Instant::now();
     loop {
         if shared.stop.is_cancelled() {
             return;
@@ -208,21 +210,38 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
         }
         let polled = match poll_once(shared, lane, records, limit).await {
             Ok(polled) => {
+                if db_failures > 0 {
+                    tracing::info!(mapping = %config.name, failures = db_failures, down_s = failing_since.elapsed().as_secs(), "the database answers the poll again");
+                }
                 db_failures = 0;
                 polled
             }
             Err(error) => {
                 db_failures += 1;
+                let now = Instant::now();
+                if db_failures == 1 {
+                    failing_since = now;
+                }
                 let wait = db_wait(db_failures, config.interval);
+                // A long outage is told at growing intervals, not once a retry.
+                let tell = crate::db::worth_telling(db_failures, now - logged_at);
+                if tell {
+                    logged_at = now;
+                }
+                let down_s = (now - failing_since).as_secs();
                 if error.is_unavailable() {
-                    tracing::warn!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
+                    if tell {
+                        tracing::warn!(mapping = %config.name, %error, failures = db_failures, down_s, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
+                    }
                     lane.stats.set_error(format!("database: {error}"));
                 } else {
                     // The server answered and refused a statement: the mapping's query fails
                     // when run (on some row's value), or a permission is missing. Waiting does
                     // not fix that, so a backfill gives this mapping up after a few tries; `run`
                     // goes on trying, with backoff, and says so as an error.
-                    tracing::error!(mapping = %config.name, %error, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+                    if tell {
+                        tracing::error!(mapping = %config.name, %error, failures = db_failures, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+                    }
                     lane.stats
                         .set_error(format!("the database refuses a statement: {error}"));
                     if shared.mode == Mode::Backfill && db_failures >= BACKFILL_STATEMENT_TRIES {

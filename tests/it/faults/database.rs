@@ -183,6 +183,10 @@ async fn postgres_down_at_start_is_waited_for_and_rows_are_delivered_once_it_is_
         || async { unsynced(&client).await == 0 },
     )
     .await;
+    assert!(
+        logs.count("the database answers") >= 1,
+        "the end of the outage is told"
+    );
     daemon.stop().await.expect("run stops cleanly");
     assert_eq!(receiver.count(), 5, "each row once");
 }
