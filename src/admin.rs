@@ -31,6 +31,7 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
         DeadLetterCommand::Retry(selection) => {
             let sql = "DELETE FROM resonance_sync.deliveries WHERE dead_at IS NOT NULL AND ";
             let count = apply(&client, sql, &selection, true).await?;
+            no_such_key(&selection, count, "")?;
             crate::say!(
                 "{count} dead letter(s) put back in line; the next run or backfill sends them"
             );
@@ -40,6 +41,7 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
             let sql = "UPDATE resonance_sync.deliveries SET purged_at = now() \
                        WHERE dead_at IS NOT NULL AND purged_at IS NULL AND ";
             let count = apply(&client, sql, &selection, false).await?;
+            no_such_key(&selection, count, " that is not purged yet")?;
             crate::say!("{count} dead letter(s) purged; their rows stay unsynced and are not sent unless retried with --key");
             Ok(())
         }
@@ -99,6 +101,20 @@ async fn list(
     }
     crate::say!("{} dead letter(s)", rows.len());
     Ok(())
+}
+
+/// A `--key` that reached no dead letter is most likely mistyped: say so rather than report
+/// "0 put back" as a success. (`--all` and `--mapping` on nothing are fine.)
+fn no_such_key(selection: &Selection, count: u64, which: &str) -> Result<(), AppError> {
+    match &selection.key {
+        Some(key) if count == 0 && !selection.all && selection.mapping.is_none() => {
+            Err(AppError::NoSuchDeadLetter(format!(
+                "no dead letter{which} has the key '{key}'; `dead-letters list` shows them \
+                 (`--purged` also the purged ones)"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Runs `sql` (which ends in `AND `) for the selection; `--key` also reaches purged letters when

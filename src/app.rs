@@ -33,13 +33,16 @@ pub enum AppError {
     /// A backfill ended with rows not delivered (exit 1).
     #[error("{0}")]
     RowsLeft(String),
+    /// `dead-letters retry|purge --key K` found no such dead letter (exit 1).
+    #[error("{0}")]
+    NoSuchDeadLetter(String),
 }
 
 impl AppError {
     /// The process exit code for this error (documented in the README).
     pub fn exit_code(&self) -> i32 {
         match self {
-            AppError::RowsLeft(_) => 1,
+            AppError::RowsLeft(_) | AppError::NoSuchDeadLetter(_) => 1,
             AppError::Config(_) => 2,
             AppError::Database(_) => 3,
             AppError::Refused(_) => 4,

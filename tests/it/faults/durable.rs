@@ -283,6 +283,17 @@ async fn dead_letters_are_listed_retried_and_purged_from_the_cli_and_never_block
     );
     let (code, _) = work.run(&["dead-letters", "retry"]).await;
     assert_eq!(code, 2, "retry needs a selection");
+    // A key that reaches no dead letter (mistyped, or already delivered) is not a success.
+    for action in ["retry", "purge"] {
+        let (code, out) = work.run(&["dead-letters", action, "--key", "NOSUCH"]).await;
+        assert_eq!(code, 1, "{action} --key NOSUCH: {out}");
+        assert!(
+            out.contains("no dead letter") && out.contains("'NOSUCH'"),
+            "{action}: {out}"
+        );
+    }
+    let (code, out) = work.run(&["dead-letters", "retry", "--key", &key(1)]).await;
+    assert_eq!(code, 1, "a delivered row's key is no dead letter: {out}");
     let (_, list) = work.run(&["dead-letters", "list"]).await;
     assert!(list.contains("no dead letters"), "{list}");
 }
