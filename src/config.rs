@@ -274,7 +274,7 @@ pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
 
 /// A TOML error as one line: where it is, the line itself, and what is wrong.
 fn locate(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
+    let message = plain_types(&error.message().trim().replace('\n', " "));
     let Some(span) = error.span() else {
         return message;
     };
@@ -282,6 +282,31 @@ fn locate(text: &str, error: &toml::de::Error) -> String {
     let line_number = text[..start].matches('\n').count() + 1;
     let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
     format!("line {line_number} (`{line}`): {message}")
+}
+
+/// serde names the Rust type it expected ("expected usize"); say what to write instead.
+fn plain_types(message: &str) -> String {
+    let mut message = message.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 to 4294967295"),
+        ("expected u16", "expected a whole number, 0 to 65535"),
+        ("expected f64", "expected a number"),
+        (
+            "expected a string",
+            "expected a string in quotes (durations too: \"30s\")",
+        ),
+    ] {
+        if let Some(at) = message.find(rust) {
+            let end = at + rust.len();
+            // Whole words only: "expected u32" is not "expected u320".
+            if !message[end..].starts_with(|c: char| c.is_alphanumeric()) {
+                message.replace_range(at..end, plain);
+            }
+        }
+    }
+    message
 }
 
 fn unknown_keys(table: &toml::Table) -> Vec<String> {

@@ -238,3 +238,33 @@ fn api_key_comes_from_a_file_or_a_credential() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn type_errors_say_what_to_write_not_which_rust_type() {
+    let cases = [
+        ("batch_size = -5", "expected a whole number, 0 or more"),
+        ("batch_size = 1.5", "expected a whole number, 0 or more"),
+        (
+            "interval = 5",
+            "expected a string in quotes (durations too: \"30s\")",
+        ),
+    ];
+    for (line, wanted) in cases {
+        let text = MINIMAL.replace("name = \"orders\"", &format!("name = \"orders\"\n{line}"));
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{line}: {found:?}");
+        assert!(
+            found[0].contains(&format!("(`{line}`)")) && found[0].contains(wanted),
+            "{line}: {}",
+            found[0]
+        );
+        assert!(!found[0].contains("usize"), "{}", found[0]);
+    }
+    let pool = MINIMAL.replace("[resonance]", "pool_size = \"eight\"\n[resonance]");
+    assert!(
+        problems(&pool)[0]
+            .ends_with("invalid type: string \"eight\", expected a whole number, 0 or more"),
+        "{:?}",
+        problems(&pool)
+    );
+}
