@@ -299,6 +299,17 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
                 source.config.key
             );
         }
+        let (repeated, examples) = source.repeated_keys(&client).await.map_err(in_mapping)?;
+        if repeated > 0 {
+            let quoted: Vec<String> = examples.iter().map(|k| format!("'{k}'")).collect();
+            crate::say!(
+                "  warning: {repeated} key(s) are returned for more than one row (e.g. {}): \
+                 such rows are never sent, each key becomes a dead letter duplicate_key; \
+                 {} must be unique among the query's rows",
+                quoted.join(", "),
+                source.config.key
+            );
+        }
         match crate::explain::full_scans(&mut client, source).await {
             Ok(scans) => scans
                 .iter()

@@ -234,6 +234,25 @@ impl Source {
         Ok(client.query_one(&sql, &[]).await?.get(0))
     }
 
+    /// Keys the query returns for more than one row: how many, and the first few of them. Such
+    /// rows are never sent (each key becomes a `duplicate_key` dead letter): `check` names them.
+    pub async fn repeated_keys(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<(i64, Vec<String>), DbError> {
+        let key = quote_ident(&self.config.key);
+        let sql = format!(
+            "SELECT r.k, count(*) OVER () FROM ( \
+               SELECT q.{key}::text AS k FROM {} AS q WHERE q.{key} IS NOT NULL \
+               GROUP BY 1 HAVING count(*) > 1) AS r \
+             ORDER BY r.k LIMIT 3",
+            subquery(&self.config.query),
+        );
+        let rows = client.query(&sql, &[]).await?;
+        let total = rows.first().map_or(0, |row| row.get(1));
+        Ok((total, rows.iter().map(|row| row.get(0)).collect()))
+    }
+
     /// Runs the mapping's `mark_synced` for keys that each received a 2xx.
     pub async fn mark_synced(
         &self,

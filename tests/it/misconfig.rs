@@ -143,6 +143,44 @@ async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
     }
 }
 
+/// A key the query returns for several rows is never sent (see the next test): `check` names
+/// it before a run finds out.
+#[tokio::test]
+async fn check_warns_about_keys_returned_for_several_rows() {
+    let db = imports(
+        "('R-1', 'a@example.com'), ('R-1', 'b@example.com'), ('R-2', 'c@example.com'), \
+         ('R-3', 'd@example.com'), ('R-3', 'e@example.com'), ('R-3', 'f@example.com')",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let text = config_text(
+        &db.url,
+        "http://127.0.0.1:1/e",
+        "",
+        &imports_mapping("imports"),
+    );
+    std::fs::write(&path, text).expect("write config");
+    let output = check(&path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "warning: 2 key(s) are returned for more than one row (e.g. 'R-1', 'R-3'): such \
+             rows are never sent"
+        ) && stdout.contains("ref must be unique"),
+        "{stdout}"
+    );
+
+    db.exec("DELETE FROM imports WHERE user_email IN ('b@example.com', 'e@example.com', 'f@example.com')")
+        .await;
+    let stdout = String::from_utf8_lossy(&check(&path).stdout).into_owned();
+    assert!(
+        stdout.contains("3 unsynced row(s)") && !stdout.contains("more than one row"),
+        "{stdout}"
+    );
+}
+
 /// A row whose key is NULL can be neither claimed nor marked: `check` says how many the query
 /// returns, instead of leaving them unsent in silence.
 #[tokio::test]
