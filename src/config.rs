@@ -9,10 +9,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::retry::RetryPolicy;
 use crate::secret::Secret;
+use raw::{locate, unknown_keys, RawConfig, RawDatabase, RawMapping, RawResonance};
+pub use raw::{DATABASE_KEYS, MAPPING_KEYS, RESONANCE_KEYS};
 
 /// The default production endpoint of the Resonance API.
 pub const DEFAULT_ENDPOINT: &str = "https://api.rsnc.network/resonance-api/manual-event";
@@ -135,109 +135,6 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    database: RawDatabase,
-    #[serde(default)]
-    resonance: RawResonance,
-    #[serde(default)]
-    mapping: Vec<RawMapping>,
-    metrics: Option<RawMetrics>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDatabase {
-    url: Option<String>,
-    pool_size: Option<usize>,
-    connect_timeout: Option<String>,
-    claim_lease: Option<String>,
-    timestamp_zone: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawResonance {
-    endpoint: Option<String>,
-    brand_id: Option<String>,
-    api_key_file: Option<PathBuf>,
-    concurrency: Option<usize>,
-    timeout: Option<String>,
-    connect_timeout: Option<String>,
-    max_attempts: Option<u32>,
-    backoff_initial: Option<String>,
-    backoff_max: Option<String>,
-    retry_schedule: Option<Vec<String>>,
-    retry_after_max: Option<String>,
-    allow_insecure_http: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMapping {
-    name: Option<String>,
-    event_type: Option<String>,
-    interval: Option<String>,
-    batch_size: Option<usize>,
-    key: Option<String>,
-    email: Option<String>,
-    email_fallback: Option<String>,
-    query: Option<String>,
-    mark_synced: Option<String>,
-    metadata: Option<toml::Table>,
-    notify_channel: Option<String>,
-    amount_minor_units: Option<String>,
-    currency: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    listen: String,
-}
-
-const TOP_KEYS: &[&str] = &["database", "resonance", "mapping", "metrics"];
-/// The keys each section accepts; anything else is refused by name.
-pub const DATABASE_KEYS: &[&str] = &[
-    "url",
-    "pool_size",
-    "connect_timeout",
-    "claim_lease",
-    "timestamp_zone",
-];
-pub const RESONANCE_KEYS: &[&str] = &[
-    "endpoint",
-    "brand_id",
-    "api_key_file",
-    "concurrency",
-    "timeout",
-    "connect_timeout",
-    "max_attempts",
-    "backoff_initial",
-    "backoff_max",
-    "retry_schedule",
-    "retry_after_max",
-    "allow_insecure_http",
-];
-pub const MAPPING_KEYS: &[&str] = &[
-    "name",
-    "event_type",
-    "interval",
-    "batch_size",
-    "key",
-    "email",
-    "email_fallback",
-    "query",
-    "mark_synced",
-    "metadata",
-    "notify_channel",
-    "amount_minor_units",
-    "currency",
-];
-const METRICS_KEYS: &[&str] = &["listen"];
-
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     let fail = |problem: String| ConfigError {
@@ -269,80 +166,6 @@ pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
     match config {
         Some(config) if problems.is_empty() => Ok(config),
         _ => Err(problems),
-    }
-}
-
-/// A TOML error as one line: where it is, the line itself, and what is wrong.
-fn locate(text: &str, error: &toml::de::Error) -> String {
-    let message = plain_types(&error.message().trim().replace('\n', " "));
-    let Some(span) = error.span() else {
-        return message;
-    };
-    let start = span.start.min(text.len());
-    let line_number = text[..start].matches('\n').count() + 1;
-    let line = text.lines().nth(line_number - 1).unwrap_or("").trim();
-    format!("line {line_number} (`{line}`): {message}")
-}
-
-/// serde names the Rust type it expected ("expected usize"); say what to write instead.
-fn plain_types(message: &str) -> String {
-    let mut message = message.to_string();
-    for (rust, plain) in [
-        ("expected usize", "expected a whole number, 0 or more"),
-        ("expected u64", "expected a whole number, 0 or more"),
-        ("expected u32", "expected a whole number, 0 to 4294967295"),
-        ("expected u16", "expected a whole number, 0 to 65535"),
-        ("expected f64", "expected a number"),
-        (
-            "expected a string",
-            "expected a string in quotes (durations too: \"30s\")",
-        ),
-    ] {
-        if let Some(at) = message.find(rust) {
-            let end = at + rust.len();
-            // Whole words only: "expected u32" is not "expected u320".
-            if !message[end..].starts_with(|c: char| c.is_alphanumeric()) {
-                message.replace_range(at..end, plain);
-            }
-        }
-    }
-    message
-}
-
-fn unknown_keys(table: &toml::Table) -> Vec<String> {
-    let mut problems = Vec::new();
-    check_keys("top level", table, TOP_KEYS, &mut problems);
-    for (section, keys) in [
-        ("database", DATABASE_KEYS),
-        ("resonance", RESONANCE_KEYS),
-        ("metrics", METRICS_KEYS),
-    ] {
-        if let Some(toml::Value::Table(inner)) = table.get(section) {
-            check_keys(&format!("[{section}]"), inner, keys, &mut problems);
-        }
-    }
-    if let Some(toml::Value::Array(mappings)) = table.get("mapping") {
-        for (index, mapping) in mappings.iter().enumerate() {
-            if let toml::Value::Table(inner) = mapping {
-                let label = match inner.get("name").and_then(|v| v.as_str()) {
-                    Some(name) => format!("mapping '{name}'"),
-                    None => format!("mapping #{}", index + 1),
-                };
-                check_keys(&label, inner, MAPPING_KEYS, &mut problems);
-            }
-        }
-    }
-    problems
-}
-
-fn check_keys(label: &str, table: &toml::Table, known: &[&str], problems: &mut Vec<String>) {
-    for key in table.keys() {
-        if !known.contains(&key.as_str()) {
-            problems.push(format!(
-                "{label}: unknown key '{key}' (known keys: {})",
-                known.join(", ")
-            ));
-        }
     }
 }
 
@@ -572,6 +395,7 @@ fn duration(
     }
 }
 
+mod raw;
 mod resonance;
 
 #[cfg(test)]
