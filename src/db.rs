@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::time::Instant;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Connection, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -123,27 +124,23 @@ pub async fn wait_for_database(
     stop: &CancellationToken,
 ) -> Option<deadpool_postgres::Client> {
     let mut wait = Duration::from_millis(500);
-    let mut failures = 0u32;
-    let since = tokio::time::Instant::now();
-    let mut told = since;
+    let mut outage = Outage::default();
     loop {
         match pool.get().await {
             Ok(client) => {
-                if failures > 0 {
+                if let Some((failures, down)) = outage.end() {
                     tracing::info!(
                         failures,
-                        down_s = since.elapsed().as_secs(),
+                        down_s = down.as_secs(),
                         "the database answers again"
                     );
                 }
                 return Some(client);
             }
             Err(error) => {
-                failures += 1;
-                if worth_telling(failures, told.elapsed()) {
-                    told = tokio::time::Instant::now();
+                if outage.fail() {
                     let error = DbError::from(error);
-                    tracing::warn!(%error, failures, retry_in_s = wait.as_secs_f64(), "database unavailable; waiting for it");
+                    tracing::warn!(%error, failures = outage.failures(), retry_in_s = wait.as_secs_f64(), "database unavailable; waiting for it");
                 }
             }
         }
@@ -155,9 +152,48 @@ pub async fn wait_for_database(
     }
 }
 
-/// Whether the `failures`th failed attempt in a row is logged: the 1st, 2nd, 4th, 8th and so on,
-/// and at least every ten minutes (`since_told`), so that a long outage does not flood the log.
-pub fn worth_telling(failures: u32, since_told: Duration) -> bool {
+/// Failed attempts in a row to reach the database, and when to say so: the 1st, 2nd, 4th, 8th
+/// and so on, and at least every ten minutes, so that a long outage does not flood the log.
+#[derive(Debug, Default)]
+pub struct Outage {
+    failures: u32,
+    since: Option<Instant>,
+    told: Option<Instant>,
+}
+
+impl Outage {
+    /// Counts a failed attempt; true when it is worth a log line.
+    pub fn fail(&mut self) -> bool {
+        let now = Instant::now();
+        self.failures += 1;
+        let since = *self.since.get_or_insert(now);
+        let told = self.told.unwrap_or(since);
+        let tell = worth_telling(self.failures, now - told);
+        if tell {
+            self.told = Some(now);
+        }
+        tell
+    }
+
+    /// Failed attempts in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// How long the database has been failing (zero when it is not).
+    pub fn length(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// An attempt worked: the failures and the length of the outage it ends, if there was one.
+    pub fn end(&mut self) -> Option<(u32, Duration)> {
+        let ended = (self.failures > 0).then(|| (self.failures, self.length()));
+        *self = Outage::default();
+        ended
+    }
+}
+
+fn worth_telling(failures: u32, since_told: Duration) -> bool {
     failures.is_power_of_two() || since_told >= Duration::from_secs(600)
 }
 
@@ -172,5 +208,17 @@ mod tests {
         assert_eq!(told, vec![1, 2, 4, 8, 16, 32, 64]);
         assert!(worth_telling(1000, Duration::from_secs(600)));
         assert!(!worth_telling(1000, Duration::from_secs(599)));
+    }
+
+    #[test]
+    fn an_outage_counts_its_failures_and_tells_its_end() {
+        let mut outage = Outage::default();
+        assert_eq!(outage.end(), None, "no outage, nothing to tell");
+        let told: Vec<bool> = (0..5).map(|_| outage.fail()).collect();
+        assert_eq!(told, [true, true, false, true, false]);
+        assert_eq!(outage.failures(), 5);
+        assert_eq!(outage.end().map(|(failures, _)| failures), Some(5));
+        assert_eq!(outage.failures(), 0);
+        assert!(outage.fail(), "a new outage is told from its first failure");
     }
 }

@@ -8,10 +8,10 @@
 //! - [`store`]: the daemon's schema (`resonance_sync`): claims as leases, retry times, dead letters.
 //! - [`mapping`] and [`value`]: a row becomes an exact JSON body and a stable `Idempotency-Key`.
 //! - [`sink`]: one HTTP POST and the meaning of its answer; [`retry`]: backoff and `Retry-After`.
-//! - [`sync`]: the per-mapping loop that claims, sends with bounded concurrency, and hands every
-//!   outcome to [`recorder`], the only place a row is marked synced ([`lane`] holds what the
-//!   two share); [`gate`] pauses sending when
-//!   the API is down or refuses the key; [`listen`] wakes a loop at once on a NOTIFY.
+//! - [`sync`]: the per-mapping loop that claims and fetches batches; [`dispatch`] sends each
+//!   batch with bounded concurrency and hands every outcome to [`recorder`], the only place a
+//!   row is marked synced ([`lane`] holds what they share); [`gate`] pauses sending when the
+//!   API is down or refuses the key; [`listen`] wakes a loop at once on a NOTIFY.
 //! - [`app`] and [`admin`]: the commands; [`sandbox`]: a local stand-in for the API;
 //!   [`explain`] reads a mapping's query plan so `check` can warn about a missing index.
 //! - [`service`]: what `run` adds as a service: [`systemd`] notifications and watchdog, fed by
@@ -30,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod currency;
 pub mod db;
+pub mod dispatch;
 pub mod error;
 pub mod explain;
 pub mod gate;

@@ -4,7 +4,6 @@
 //! Cancellation is checked before claiming and while waiting, never between a 2xx and its
 //! mark: a request in flight always finishes and is recorded.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -14,11 +13,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::Outage;
+use crate::error::DbError;
 use crate::gate::{Admission, Gate};
-use crate::recorder::{judge, log_transition, record, Record};
+use crate::recorder::{record, Record};
 use crate::retry::RetryPolicy;
 use crate::sink::Sink;
-use crate::store::{self, Claim};
+use crate::store;
 
 pub use crate::lane::Lane;
 
@@ -183,9 +184,7 @@ struct Polled {
 
 async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Record>) {
     let config = &lane.source.config;
-    let mut db_failures = 0u32;
-    let mut failing_since = Instant::now();
-    let mut logged_at = Instant::now();
+    let mut outage = Outage::default();
     loop {
         if shared.stop.is_cancelled() {
             return;
@@ -210,47 +209,16 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
         }
         let polled = match poll_once(shared, lane, records, limit).await {
             Ok(polled) => {
-                if db_failures > 0 {
-                    tracing::info!(mapping = %config.name, failures = db_failures, down_s = failing_since.elapsed().as_secs(), "the database answers the poll again");
+                if let Some((failures, down)) = outage.end() {
+                    tracing::info!(mapping = %config.name, failures, down_s = down.as_secs(), "the database answers the poll again");
                 }
-                db_failures = 0;
                 polled
             }
             Err(error) => {
-                db_failures += 1;
-                let now = Instant::now();
-                if db_failures == 1 {
-                    failing_since = now;
+                if poll_failed(shared, lane, &mut outage, &error) {
+                    return;
                 }
-                let wait = db_wait(db_failures, config.interval);
-                // A long outage is told at growing intervals, not once a retry.
-                let tell = crate::db::worth_telling(db_failures, now - logged_at);
-                if tell {
-                    logged_at = now;
-                }
-                let down_s = (now - failing_since).as_secs();
-                if error.is_unavailable() {
-                    if tell {
-                        tracing::warn!(mapping = %config.name, %error, failures = db_failures, down_s, retry_in_s = wait.as_secs_f64(), "database unavailable; will retry");
-                    }
-                    lane.stats.set_error(format!("database: {error}"));
-                } else {
-                    // The server answered and refused a statement: the mapping's query fails
-                    // when run (on some row's value), or a permission is missing. Waiting does
-                    // not fix that, so a backfill gives this mapping up after a few tries; `run`
-                    // goes on trying, with backoff, and says so as an error.
-                    if tell {
-                        tracing::error!(mapping = %config.name, %error, failures = db_failures, retry_in_s = wait.as_secs_f64(), "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
-                    }
-                    lane.stats
-                        .set_error(format!("the database refuses a statement: {error}"));
-                    if shared.mode == Mode::Backfill && db_failures >= BACKFILL_STATEMENT_TRIES {
-                        if let Ok(mut broken) = shared.broken.lock() {
-                            broken.push(format!("mapping '{}': {error}", config.name));
-                        }
-                        return;
-                    }
-                }
+                let wait = db_wait(outage.failures(), config.interval);
                 if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
                     return;
                 }
@@ -295,6 +263,38 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
         }
         lane.heartbeat.idle(wait_for_more(shared, lane)).await;
     }
+}
+
+/// Says that a poll failed (a long outage at growing intervals); true when this mapping is
+/// given up: a backfill whose statement the database keeps refusing.
+fn poll_failed(shared: &Shared, lane: &Lane, outage: &mut Outage, error: &DbError) -> bool {
+    let config = &lane.source.config;
+    let tell = outage.fail();
+    let failures = outage.failures();
+    let retry_in_s = db_wait(failures, config.interval).as_secs_f64();
+    if error.is_unavailable() {
+        if tell {
+            let down_s = outage.length().as_secs();
+            tracing::warn!(mapping = %config.name, %error, failures, down_s, retry_in_s, "database unavailable; will retry");
+        }
+        lane.stats.set_error(format!("database: {error}"));
+        return false;
+    }
+    // The server answered and refused a statement: the mapping's query fails when run (on some
+    // row's value), or a permission is missing. Waiting does not fix that, so a backfill gives
+    // this mapping up after a few tries; `run` goes on trying, with backoff, and says so.
+    if tell {
+        tracing::error!(mapping = %config.name, %error, failures, retry_in_s, "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+    }
+    lane.stats
+        .set_error(format!("the database refuses a statement: {error}"));
+    if shared.mode == Mode::Backfill && failures >= BACKFILL_STATEMENT_TRIES {
+        if let Ok(mut broken) = shared.broken.lock() {
+            broken.push(format!("mapping '{}': {error}", config.name));
+        }
+        return true;
+    }
+    false
 }
 
 /// A backfill gives up on a down API after as many failed pauses as a row gets attempts, rather
@@ -403,7 +403,9 @@ async fn poll_once(
     // Dispatched by a task of its own, so that the loop claims and fetches the next batch while
     // this one waits for permits: the senders never wait for the database between batches.
     let (shared, lane, records) = (shared.clone(), lane.clone(), records.clone());
-    tokio::spawn(async move { dispatch(&shared, &lane, &records, claims, rows).await });
+    tokio::spawn(
+        async move { crate::dispatch::dispatch(&shared, &lane, &records, claims, rows).await },
+    );
     Ok(polled)
 }
 
@@ -450,96 +452,6 @@ async fn refresh_backlog(client: &deadpool_postgres::Client, lane: &Lane) {
         Err(error) => {
             tracing::debug!(mapping = %lane.name(), %error, "counting dead letters failed")
         }
-    }
-}
-
-/// Starts a send for each fetched row, as permits allow; rows not sent are released.
-async fn dispatch(
-    shared: &Arc<Shared>,
-    lane: &Arc<Lane>,
-    records: &mpsc::Sender<Record>,
-    claims: Vec<Claim>,
-    rows: Vec<tokio_postgres::Row>,
-) {
-    let mut by_key: HashMap<String, Claim> =
-        claims.into_iter().map(|c| (c.key.clone(), c)).collect();
-    let mut rows_per_key: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        if let Ok(key) = row.try_get::<_, &str>(0) {
-            *rows_per_key.entry(key).or_default() += 1;
-        }
-    }
-    for row in &rows {
-        let event = lane.source.shape.event(&lane.context, row);
-        let key = match &event {
-            Ok(event) => event.key.clone(),
-            Err(unsendable) => unsendable.key.clone(),
-        };
-        // A key the query returns for several rows is none of them: `mark_synced` would mark
-        // them all after one 2xx. The key is dead-lettered once, and no row of it is sent.
-        let count = rows_per_key.get(key.as_str()).copied().unwrap_or(1);
-        let Some(claim) = by_key.remove(&key) else {
-            continue;
-        };
-        if count > 1 {
-            let detail = format!(
-                "the query returned {count} rows with this key; none is sent, since mark_synced \
-                 would mark them all after one 2xx (make the key unique, e.g. fix the join)"
-            );
-            let _ = records
-                .send(Record::Unsendable(crate::mapping::Unsendable {
-                    key: claim.key,
-                    reason: "duplicate_key".to_string(),
-                    detail,
-                }))
-                .await;
-            continue;
-        }
-        let event = match event {
-            Ok(event) => event,
-            Err(unsendable) => {
-                let _ = records.send(Record::Unsendable(unsendable)).await;
-                continue;
-            }
-        };
-        let permit = tokio::select! {
-            permit = shared.permits.clone().acquire_owned() => permit,
-            _ = shared.stop.cancelled() => {
-                by_key.insert(claim.key.clone(), claim);
-                break;
-            }
-        };
-        let Ok(permit) = permit else { break };
-        // When the API turns out to be down (or refuses the key) half-way through a batch, the
-        // rest is released and waits for the gate's probe instead of failing at full rate. When
-        // the database is down, the rest waits too: a 2xx that cannot be marked means a resend.
-        if shared.gate.is_paused() || shared.database_down.load(Ordering::Acquire) {
-            by_key.insert(claim.key.clone(), claim);
-            break;
-        }
-        let shared = shared.clone();
-        let records = records.clone();
-        let mapping = lane.name().to_string();
-        tokio::spawn(async move {
-            tracing::trace!(mapping, key = %event.key, "sending");
-            let attempt = shared.sink.send(&event).await;
-            // The gate hears of the answer before the next send can start.
-            log_transition(&mapping, judge(&shared.gate, &attempt.outcome));
-            drop(permit);
-            let _ = records
-                .send(Record::Attempted {
-                    claim,
-                    masked_email: event.masked_email,
-                    attempt,
-                })
-                .await;
-        });
-    }
-    // Rows whose turn never came (shutdown), and claims the fetch no longer returned (synced or
-    // deleted meanwhile).
-    let leftover: Vec<String> = by_key.into_keys().collect();
-    if !leftover.is_empty() {
-        let _ = records.send(Record::Release(leftover)).await;
     }
 }
 
