@@ -3,6 +3,7 @@
 //! and the command ends as it would have. Any other failure (a full disk) is reported by
 //! `main` once the command is done, with exit code 74 unless the command failed on its own.
 
+use std::borrow::Cow;
 use std::io::{ErrorKind, Write};
 use std::sync::OnceLock;
 
@@ -32,4 +33,37 @@ pub fn line(text: std::fmt::Arguments<'_>) {
 /// Why stdout could not be written, if it could not (a closed pipe excepted).
 pub fn failure() -> Option<&'static str> {
     FAILURE.get().map(String::as_str)
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{0}`, `\u{1b}`), for text that comes
+/// from outside (a row's key, an API's answer) and goes into a log line, a terminal or the
+/// database: a newline there would forge a log line, an escape sequence would drive the
+/// terminal, and PostgreSQL refuses a NUL in text.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_is_kept() {
+        assert!(matches!(printable("plain é ✓"), Cow::Borrowed("plain é ✓")));
+        assert_eq!(
+            printable("bad\0row\n2026-12-04 ERROR forged\u{1b}[31m\t\r"),
+            "bad\\u{0}row\\n2026-12-04 ERROR forged\\u{1b}[31m\\t\\r"
+        );
+    }
 }

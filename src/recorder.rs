@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use crate::gate::{Gate, Transition, Trouble};
 use crate::mapping::Unsendable;
+use crate::output::printable;
 use crate::retry::next_wait;
 use crate::sink::{truncate, Attempt, Outcome};
 use crate::store::{self, Claim, Failure};
@@ -205,7 +206,7 @@ async fn settle(shared: &Shared, lane: &Lane, record: Record) {
     let result = match record {
         Record::Release(keys) => release(shared, lane, &keys).await,
         Record::Unsendable(row) => {
-            tracing::warn!(mapping = %lane.name(), key = %row.key, reason = %row.reason, detail = %row.detail, "row cannot be sent; dead-lettered");
+            tracing::warn!(mapping = %lane.name(), key = %printable(&row.key), reason = %row.reason, detail = %printable(&row.detail), "row cannot be sent; dead-lettered");
             let failure = Failure {
                 key: row.key,
                 attempts: 0,
@@ -224,7 +225,11 @@ async fn settle(shared: &Shared, lane: &Lane, record: Record) {
         }
     };
     if let Err(error) = result {
-        tracing::warn!(mapping = %lane.name(), %error, rows = keys.len(), "recording an outcome failed; the claim is given back once the database is reached again, and the row is tried again");
+        if error.is_unavailable() {
+            tracing::warn!(mapping = %lane.name(), %error, rows = keys.len(), "recording an outcome failed; the claim is given back once the database is reached again, and the row is tried again");
+        } else {
+            tracing::error!(mapping = %lane.name(), %error, rows = keys.len(), "the database refused to record an outcome; the claim is given back by the next poll, and the row is tried again");
+        }
         lane.strand(keys);
     }
 }
@@ -242,7 +247,7 @@ async fn attempted(
         // Deliveries are batched by `record` and never reach `settle`.
         Outcome::Delivered { .. } => Ok(()),
         Outcome::Rejected { status, body } => {
-            tracing::warn!(mapping = %lane.name(), key = %claim.key, email, attempt = attempts, status, duration_ms, body = %truncate(&body, 300), "the API rejected the event; dead-lettered");
+            tracing::warn!(mapping = %lane.name(), key = %printable(&claim.key), email, attempt = attempts, status, duration_ms, body = %truncate(&body, 300), "the API rejected the event; dead-lettered");
             let failure = Failure {
                 key: claim.key,
                 attempts,
@@ -287,7 +292,7 @@ async fn retry_or_give_up(
     let settings = &shared.settings;
     // Only `run` dead-letters a row for its durable attempts; a backfill leaves it for later.
     if shared.mode == Mode::Run && !settings.run_retry.allows_another(failure.attempts) {
-        tracing::warn!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = failure.status, error = %failure.error, "attempts exhausted; dead-lettered");
+        tracing::warn!(mapping = %lane.name(), key = %printable(&failure.key), email, attempt = failure.attempts, status = failure.status, error = %failure.error, "attempts exhausted; dead-lettered");
         return dead_letter(shared, lane, &failure, "attempts_exhausted").await;
     }
     let unit = rand::random::<f64>();
@@ -313,7 +318,7 @@ async fn retry_or_give_up(
             }
         }
     };
-    tracing::info!(mapping = %lane.name(), key = %failure.key, email, attempt = failure.attempts, status = failure.status, duration_ms, retry_in_ms = wait.as_millis() as u64, error = %failure.error, "attempt failed; will retry");
+    tracing::info!(mapping = %lane.name(), key = %printable(&failure.key), email, attempt = failure.attempts, status = failure.status, duration_ms, retry_in_ms = wait.as_millis() as u64, error = %failure.error, "attempt failed; will retry");
     lane.stats.add_retried();
     crate::telemetry::count_event(lane.name(), "retried", 1);
     let client = shared.pool.get().await?;

@@ -20,6 +20,16 @@ impl Secret {
         &self.0
     }
 
+    /// The secret's length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the secret is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Removes every occurrence of the secret from `text`, for messages that quote foreign errors.
     pub fn scrub(&self, text: &str) -> String {
         if self.0.len() < 4 {

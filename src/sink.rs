@@ -73,6 +73,40 @@ pub fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// What is kept of a refusal's body: the key scrubbed, control characters escaped (a NUL
+/// could not be stored), at most [`BODY_KEEP`] bytes, and never part of the key.
+fn kept_body(body: &str, api_key: &Secret) -> String {
+    let key = api_key.expose();
+    let mut end = truncate(body, BODY_KEEP).len();
+    if key.len() >= 4 {
+        if let Some(cut) = body
+            .match_indices(key)
+            .map(|(at, _)| at)
+            .find(|&at| at < end && at + key.len() > end)
+        {
+            end = cut;
+        }
+    }
+    let clean = crate::output::printable(&api_key.scrub(&body[..end])).into_owned();
+    truncate(&clean, BODY_KEEP).to_string()
+}
+
+/// Reads at most `limit` bytes of a response body and drops the rest unread: a proxy's error
+/// page can be large, and only [`BODY_KEEP`] bytes are kept.
+async fn read_prefix(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut kept = Vec::new();
+    while kept.len() < limit {
+        let Some(chunk) = response.chunk().await? else {
+            break;
+        };
+        kept.extend_from_slice(&chunk[..chunk.len().min(limit - kept.len())]);
+    }
+    Ok(kept)
+}
+
 /// The HTTP client, shared by every mapping.
 #[derive(Debug, Clone)]
 pub struct Sink {
@@ -161,11 +195,12 @@ impl Sink {
                 status: status.as_u16(),
             };
         }
-        let body = match response.bytes().await {
-            Ok(bytes) => String::from_utf8_lossy(&bytes[..bytes.len().min(BODY_KEEP)]).into_owned(),
+        // A key the API echoes is read whole, so that it is scrubbed rather than cut in two.
+        let body = match read_prefix(response, BODY_KEEP + self.api_key.len()).await {
+            Ok(bytes) => kept_body(&String::from_utf8_lossy(&bytes), &self.api_key),
             Err(error) => format!("(body unreadable: {})", self.describe(&error)),
         };
-        classify(status, retry_after, self.api_key.scrub(&body))
+        classify(status, retry_after, body)
     }
 
     fn transport_failure(&self, error: &reqwest::Error) -> Outcome {
@@ -244,6 +279,32 @@ mod tests {
                 Outcome::Refused { status: c, .. } if c == code
             ));
         }
+    }
+
+    #[test]
+    fn a_kept_body_is_short_printable_and_never_holds_the_key() {
+        let key = Secret::new("sk_trialsecret_XYZ123");
+        assert_eq!(kept_body("bad\0row\n", &key), "bad\\u{0}row\\n");
+        // An echoed key is scrubbed, wherever it is.
+        let echoed = format!("{}Authorization: Bearer {}", "x".repeat(100), key.expose());
+        assert_eq!(
+            kept_body(&echoed, &key),
+            format!("{}Authorization: Bearer [redacted]", "x".repeat(100))
+        );
+        // A key before the cut is scrubbed; one across it is left out whole, not kept in part.
+        let before = format!("{}{}", "x".repeat(BODY_KEEP - 30), key.expose());
+        assert!(kept_body(&before, &key).ends_with("x[redacted]"));
+        for at in [BODY_KEEP - 5, BODY_KEEP - 1] {
+            let body = format!("{}{}{}", "x".repeat(at), key.expose(), "y".repeat(50));
+            let kept = kept_body(&body, &key);
+            assert!(
+                kept == "x".repeat(at),
+                "{at}: ...{}",
+                &kept[kept.len() - 40..]
+            );
+        }
+        let long = "é".repeat(BODY_KEEP);
+        assert!(kept_body(&long, &key).len() <= BODY_KEEP);
     }
 
     #[test]

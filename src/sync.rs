@@ -356,7 +356,7 @@ async fn poll_once(
             lane.strand(stranded);
             return Err(error);
         }
-        tracing::info!(mapping = %name, rows = stranded.len(), "gave back claims left over from a database outage; their rows are tried again");
+        tracing::info!(mapping = %name, rows = stranded.len(), "gave back claims whose outcome could not be written down; their rows are tried again");
     }
     let given_up = lane.given_up();
     let keys = lane

@@ -356,3 +356,67 @@ async fn an_api_outage_pauses_sending_globally_and_resumes_by_itself() {
         assert_same_key_and_body(order, answers);
     }
 }
+
+/// A refusal's body is kept short, printable and without the key. A NUL in it (a proxy's binary
+/// error page) once made PostgreSQL refuse the dead letter, and the row was sent again thousands
+/// of times; a key the API echoed across the cut was kept in part; a huge body was read whole.
+#[tokio::test]
+async fn a_hostile_refusal_body_is_dead_lettered_once_printable_and_without_the_key() {
+    let db = TestDb::with_orders().await;
+    let ids = db
+        .insert_orders(&[
+            (Some("nul@example.com"), "1.00", "EUR"),
+            (Some("echo@example.com"), "2.00", "EUR"),
+            (Some("huge@example.com"), "3.00", "EUR"),
+        ])
+        .await;
+    let receiver = Receiver::scripted(|seen| {
+        let auth = seen
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        match seen.email().as_str() {
+            "nul@example.com" => Reply::status(422).with_body("bad\0row\n2026-12-04 ERROR forged"),
+            // The key ends up across the 2,048 bytes kept.
+            "echo@example.com" => {
+                Reply::status(422).with_body(&format!("{}{auth}", "x".repeat(2_030)))
+            }
+            _ => Reply::status(400).with_body(&"y".repeat(20_000_000)),
+        }
+    })
+    .await;
+    let config = parse(&orders_config(&db, &receiver.endpoint(), &[]));
+    let result = backfill(&config).await;
+    assert!(
+        matches!(result, Err(resonance_sync::app::AppError::RowsLeft(_))),
+        "{result:?}"
+    );
+    assert_eq!(
+        receiver.count(),
+        3,
+        "each row is sent once, then dead-lettered"
+    );
+
+    let mut letters = Vec::new();
+    for id in &ids {
+        letters.push(db.delivery(id).await.expect("a dead letter"));
+    }
+    for letter in &letters {
+        assert!(letter.dead, "{letter:?}");
+        assert_eq!(letter.reason.as_deref(), Some("rejected_by_api"));
+    }
+    let error = |i: usize| letters[i].last_error.clone().unwrap_or_default();
+    assert!(
+        error(0).contains("bad\\u{0}row\\n2026-12-04 ERROR forged"),
+        "{}",
+        error(0)
+    );
+    assert!(
+        !error(1).contains(&API_KEY[..8]) && error(1).ends_with("xxBearer "),
+        "...{}",
+        &error(1)[error(1).len().saturating_sub(60)..]
+    );
+    assert!(error(2).len() <= 2_100, "{} bytes kept", error(2).len());
+}
