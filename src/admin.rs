@@ -1,14 +1,18 @@
 //! Operator commands on the daemon's state: `dead-letters list|retry|purge` and `status`.
 //! They read and change only the `resonance_sync` schema, never the CRM's tables.
 
+use std::borrow::Cow;
+
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
-use crate::app::{connect_and_prepare, AppError};
+use crate::app::{connect, problem_lines, AppError};
 use crate::cli::{DeadLetterCommand, Selection};
 use crate::config::Config;
 use crate::error::DbError;
+use crate::output::printable;
 use crate::sink::truncate;
+use crate::source::Source;
 
 /// Runs a `dead-letters` subcommand.
 pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result<(), AppError> {
@@ -91,16 +95,26 @@ async fn list(
         crate::say!(
             "{:<16} {:<20} {:>8} {:>6}  {:<20} {:<20} {}{purged_mark}",
             row.get::<_, String>(0),
-            row.get::<_, String>(1),
+            shown_key(row.get(1)),
             row.get::<_, i32>(2),
             status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
             reason.unwrap_or_default(),
             row.get::<_, String>(6),
-            truncate(&error.replace('\n', " "), 120),
+            truncate(&printable(&error), 120),
         );
     }
     crate::say!("{} dead letter(s)", rows.len());
     Ok(())
+}
+
+/// A key as `dead-letters list` shows it: quoted (and escaped) when blanks or control
+/// characters would hide where it ends, so that it can be copied into `--key`.
+fn shown_key(key: &str) -> Cow<'_, str> {
+    if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Cow::Owned(format!("{key:?}"))
+    } else {
+        Cow::Borrowed(key)
+    }
 }
 
 /// A `--key` that reached no dead letter is most likely mistyped: say so rather than report
@@ -158,77 +172,108 @@ async fn apply(
 /// attempt: the daemon cannot know when a CRM row was created unless the mapping's query says,
 /// and rows that have not failed are normally sent within one poll interval.
 pub async fn status(config: &Config) -> Result<(), AppError> {
-    let (pool, sources) = connect_and_prepare(config, None).await?;
-    let client = pool.get().await.map_err(DbError::from)?;
-    for source in &sources {
-        let name = &source.config.name;
-        let backlog = source.backlog(&client).await?;
-        let state = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE dead_at IS NULL AND attempts > 0),
-                        count(*) FILTER (WHERE dead_at IS NOT NULL AND purged_at IS NULL),
-                        count(*) FILTER (WHERE lease_until > now()),
-                        extract(epoch FROM now() - min(first_attempt_at) FILTER (WHERE dead_at IS NULL))::bigint,
-                        to_char(min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0)
-                                AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                        extract(epoch FROM min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0) - now())::bigint
-                   FROM resonance_sync.deliveries WHERE mapping = $1",
-                &[name],
-            )
-            .await
-            .map_err(DbError::from)?;
-        let success = client
-            .query_opt(
-                "SELECT to_char(last_success_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                        extract(epoch FROM now() - last_success_at)::bigint, delivered_total
-                   FROM resonance_sync.mapping_state WHERE mapping = $1",
-                &[name],
-            )
-            .await
-            .map_err(DbError::from)?;
-        let retrying: i64 = state.get(0);
-        let oldest = match state.get::<_, Option<i64>>(3) {
-            Some(age) => format!(
-                "{} (since the first failed attempt of the oldest row retrying)",
-                humantime::format_duration(std::time::Duration::from_secs(age.max(0) as u64))
-            ),
-            None if backlog > 0 => "none failing; the rest wait for their next poll".into(),
-            None => "-".into(),
+    let (_pool, client) = connect(config, None).await?;
+    // A mapping whose SQL no longer works (a renamed table) is named; the others are shown.
+    let mut broken = Vec::new();
+    let mut failed = None;
+    for mapping in &config.mappings {
+        let source = match Source::prepare(&client, mapping).await {
+            Ok(source) => source,
+            Err(found) => {
+                let lines = problem_lines(std::slice::from_ref(&found));
+                crate::say!(
+                    "mapping '{}'\n  cannot be read: {}",
+                    mapping.name,
+                    lines.join("; ")
+                );
+                broken.extend(lines);
+                continue;
+            }
         };
-        let next_retry = match (
-            state.get::<_, Option<String>>(4),
-            state.get::<_, Option<i64>>(5),
-        ) {
-            (Some(at), Some(wait)) if wait > 0 => format!(
-                "{at} (in {}; `backfill` tries them now)",
-                humantime::format_duration(std::time::Duration::from_secs(wait as u64))
-            ),
-            (Some(at), Some(_)) => format!("{at} (due now)"),
-            _ => "-".into(),
-        };
-        let last_success = success.map_or("never".to_string(), |row| {
-            format!(
-                "{} ({}; {} delivered in all)",
-                row.get::<_, String>(0),
-                ago(row.get(1)),
-                row.get::<_, i64>(2)
-            )
-        });
-        crate::say!("mapping '{name}'");
-        crate::say!("  backlog (unsynced, not dead-lettered): {backlog}");
-        crate::say!("  retrying:                              {retrying}");
-        crate::say!("  next retry due:                        {next_retry}");
-        crate::say!(
-            "  claimed now:                           {}",
-            state.get::<_, i64>(2)
-        );
-        crate::say!(
-            "  dead letters:                          {}",
-            state.get::<_, i64>(1)
-        );
-        crate::say!("  oldest unsynced row's age:             {oldest}");
-        crate::say!("  last success:                          {last_success}");
+        crate::say!("mapping '{}'", mapping.name);
+        if let Err(error) = mapping_status(&client, &source).await {
+            crate::say!("  cannot be read: {error}");
+            failed.get_or_insert(error);
+        }
     }
+    if broken.is_empty() {
+        failed.map_or(Ok(()), Err)
+    } else {
+        Err(AppError::Config(format!(
+            "the mappings cannot be used:\n  - {}",
+            broken.join("\n  - ")
+        )))
+    }
+}
+
+/// One mapping's block of `status`.
+async fn mapping_status(client: &impl GenericClient, source: &Source) -> Result<(), AppError> {
+    let name = &source.config.name;
+    let backlog = source.backlog(client).await?;
+    let state = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE dead_at IS NULL AND attempts > 0),
+                    count(*) FILTER (WHERE dead_at IS NOT NULL AND purged_at IS NULL),
+                    count(*) FILTER (WHERE lease_until > now()),
+                    extract(epoch FROM now() - min(first_attempt_at) FILTER (WHERE dead_at IS NULL))::bigint,
+                    to_char(min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0)
+                            AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    extract(epoch FROM min(next_attempt_at) FILTER (WHERE dead_at IS NULL AND attempts > 0) - now())::bigint
+               FROM resonance_sync.deliveries WHERE mapping = $1",
+            &[name],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let success = client
+        .query_opt(
+            "SELECT to_char(last_success_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    extract(epoch FROM now() - last_success_at)::bigint, delivered_total
+               FROM resonance_sync.mapping_state WHERE mapping = $1",
+            &[name],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let retrying: i64 = state.get(0);
+    let oldest = match state.get::<_, Option<i64>>(3) {
+        Some(age) => format!(
+            "{} (since the first failed attempt of the oldest row retrying)",
+            humantime::format_duration(std::time::Duration::from_secs(age.max(0) as u64))
+        ),
+        None if backlog > 0 => "none failing; the rest wait for their next poll".into(),
+        None => "-".into(),
+    };
+    let next_retry = match (
+        state.get::<_, Option<String>>(4),
+        state.get::<_, Option<i64>>(5),
+    ) {
+        (Some(at), Some(wait)) if wait > 0 => format!(
+            "{at} (in {}; `backfill` tries them now)",
+            humantime::format_duration(std::time::Duration::from_secs(wait as u64))
+        ),
+        (Some(at), Some(_)) => format!("{at} (due now)"),
+        _ => "-".into(),
+    };
+    let last_success = success.map_or("never".to_string(), |row| {
+        format!(
+            "{} ({}; {} delivered in all)",
+            row.get::<_, String>(0),
+            ago(row.get(1)),
+            row.get::<_, i64>(2)
+        )
+    });
+    crate::say!("  backlog (unsynced, not dead-lettered): {backlog}");
+    crate::say!("  retrying:                              {retrying}");
+    crate::say!("  next retry due:                        {next_retry}");
+    crate::say!(
+        "  claimed now:                           {}",
+        state.get::<_, i64>(2)
+    );
+    crate::say!(
+        "  dead letters:                          {}",
+        state.get::<_, i64>(1)
+    );
+    crate::say!("  oldest unsynced row's age:             {oldest}");
+    crate::say!("  last success:                          {last_success}");
     Ok(())
 }
 
@@ -236,4 +281,17 @@ pub async fn status(config: &Config) -> Result<(), AppError> {
 fn ago(seconds: i64) -> String {
     let seconds = std::time::Duration::from_secs(seconds.max(0) as u64);
     format!("{} ago", humantime::format_duration(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_key_is_quoted_only_when_its_ends_would_not_show() {
+        assert_eq!(shown_key("ORD-1"), "ORD-1");
+        assert_eq!(shown_key("k 2 "), "\"k 2 \"");
+        assert_eq!(shown_key(""), "\"\"");
+        assert_eq!(shown_key("k1\nforged"), "\"k1\\nforged\"");
+    }
 }

@@ -77,6 +77,44 @@ pub async fn connect_and_prepare(
     config: &Config,
     wait: Option<&CancellationToken>,
 ) -> Result<(deadpool_postgres::Pool, Vec<Source>), AppError> {
+    let (pool, client) = connect(config, wait).await?;
+    let mut sources = Vec::new();
+    let mut problems: Vec<MappingProblems> = Vec::new();
+    for mapping in &config.mappings {
+        match Source::prepare(&client, mapping).await {
+            Ok(source) => sources.push(source),
+            Err(found) => problems.push(found),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(AppError::Config(format!(
+            "the mappings cannot be used:\n  - {}",
+            problem_lines(&problems).join("\n  - ")
+        )));
+    }
+    Ok((pool, sources))
+}
+
+/// One line per problem; the same SQL error met by several statements is said once.
+pub fn problem_lines(problems: &[MappingProblems]) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for found in problems {
+        for problem in &found.problems {
+            let line = format!("mapping '{}': {problem}", found.mapping);
+            if !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    lines
+}
+
+/// The pool and one connection from it, with the daemon's schema in place; with `wait`, waits
+/// for a database that is down instead of failing.
+pub async fn connect(
+    config: &Config,
+    wait: Option<&CancellationToken>,
+) -> Result<(deadpool_postgres::Pool, deadpool_postgres::Client), AppError> {
     let pool = db::pool(&config.database).map_err(|e| AppError::Config(e.to_string()))?;
     let mut client = match wait {
         Some(stop) => match db::wait_for_database(&pool, stop).await {
@@ -94,31 +132,7 @@ pub async fn connect_and_prepare(
         })?,
     };
     store::ensure_schema(&mut client).await?;
-    let mut sources = Vec::new();
-    let mut problems: Vec<MappingProblems> = Vec::new();
-    for mapping in &config.mappings {
-        match Source::prepare(&client, mapping).await {
-            Ok(source) => sources.push(source),
-            Err(found) => problems.push(found),
-        }
-    }
-    if !problems.is_empty() {
-        // One line per problem; the same SQL error met by several statements is said once.
-        let mut lines: Vec<String> = Vec::new();
-        for found in &problems {
-            for problem in &found.problems {
-                let line = format!("mapping '{}': {problem}", found.mapping);
-                if !lines.contains(&line) {
-                    lines.push(line);
-                }
-            }
-        }
-        return Err(AppError::Config(format!(
-            "the mappings cannot be used:\n  - {}",
-            lines.join("\n  - ")
-        )));
-    }
-    Ok((pool, sources))
+    Ok((pool, client))
 }
 
 /// Everything a sync needs, built from the config.

@@ -248,13 +248,51 @@ async fn check_names_the_mapping_whose_query_fails_when_run() {
 
 /// `resonance-sync --config <path> check`.
 fn check(path: &std::path::Path) -> std::process::Output {
+    command(path, "check")
+}
+
+fn command(path: &std::path::Path, command: &str) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
         .arg("--config")
         .arg(path)
-        .arg("check")
+        .arg(command)
         .env("RESONANCE_API_KEY", API_KEY)
         .output()
-        .expect("run check")
+        .expect("run resonance-sync")
+}
+
+/// A mapping whose SQL stopped working (its table was renamed) is named by `status`, which still
+/// shows the others, and ends with exit 2.
+#[tokio::test]
+async fn status_names_a_mapping_it_cannot_read_and_still_shows_the_others() {
+    let db = imports("('A-1', 'a@example.com')").await;
+    db.exec("CREATE TABLE imports_too (LIKE imports)").await;
+    let mappings = format!(
+        "{}{}",
+        imports_mapping("imports"),
+        imports_mapping("renamed").replace("FROM imports", "FROM imports_too")
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mappings);
+    std::fs::write(&path, text).expect("write config");
+    assert!(command(&path, "status").status.success());
+    db.exec("ALTER TABLE imports_too RENAME TO imports_gone")
+        .await;
+
+    let output = command(&path, "status");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("mapping 'imports'\n  backlog (unsynced, not dead-lettered): 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("mapping 'renamed'\n  cannot be read: ") && stdout.contains("imports_too"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("mapping 'renamed'"), "{stderr}");
 }
 
 /// A key the query returns for two rows: `mark_synced` marks by key, so sending one of them
