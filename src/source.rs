@@ -138,7 +138,13 @@ impl Source {
         };
         let mark_param = match client.prepare(&config.mark_synced).await {
             Ok(statement) => match statement.params() {
-                [param] if KeyArray::supports(param) => Some(param.clone()),
+                [param] if KeyArray::supports(param) => match key_fits(&key_type, param) {
+                    Ok(()) => Some(param.clone()),
+                    Err(problem) => {
+                        problems.push(format!("mark_synced: {problem}"));
+                        None
+                    }
+                },
                 [param] => {
                     problems.push(format!(
                         "mark_synced: $1 has type {}; it must be an array of the key's type \
@@ -285,6 +291,35 @@ fn with_server_casts(fetch_sql: &str, statement: &tokio_postgres::Statement) -> 
     Some(fetch_sql.replacen(" q.* ", &format!(" {} ", list.join(", ")), 1))
 }
 
+/// Whether every key of a column of type `key` can be bound to `mark_synced`'s `$1` of type
+/// `param`. One that cannot would be sent and never marked: sent again and again.
+fn key_fits(key: &Type, param: &Type) -> Result<(), String> {
+    fn width(ty: &Type) -> Option<u8> {
+        match *ty {
+            Type::INT2 | Type::INT2_ARRAY => Some(2),
+            Type::INT4 | Type::INT4_ARRAY => Some(4),
+            Type::INT8 | Type::INT8_ARRAY => Some(8),
+            _ => None,
+        }
+    }
+    let fits = match (width(key), width(param)) {
+        (Some(key_width), Some(param_width)) => key_width <= param_width,
+        (None, Some(_)) => false,
+        _ => *param != Type::UUID_ARRAY || *key == Type::UUID,
+    };
+    if fits {
+        return Ok(());
+    }
+    Err(format!(
+        "$1 is {} but the key column is {}: some keys could never be marked, and would be sent \
+         again and again; compare the key's own column (WHERE <key column> = ANY($1)), or cast \
+         ($1::{}[])",
+        param.name().trim_start_matches('_').to_string() + "[]",
+        key.name(),
+        key.name()
+    ))
+}
+
 /// Delivered keys typed for `mark_synced`'s `$1`.
 #[derive(Debug)]
 pub enum KeyArray {
@@ -347,6 +382,32 @@ pub type SourcePool = Pool;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_must_fit_mark_synced_s_parameter() {
+        let fits = |key: &Type, param: &Type| key_fits(key, param).is_ok();
+        assert!(fits(&Type::INT4, &Type::INT8_ARRAY));
+        assert!(fits(&Type::INT8, &Type::INT8_ARRAY));
+        assert!(
+            fits(&Type::INT8, &Type::TEXT_ARRAY),
+            "any key has a text form"
+        );
+        assert!(fits(&Type::UUID, &Type::UUID_ARRAY));
+        assert!(fits(&Type::TEXT, &Type::VARCHAR_ARRAY));
+        assert!(!fits(&Type::INT8, &Type::INT4_ARRAY), "a key above 2^31");
+        assert!(
+            !fits(&Type::TEXT, &Type::INT8_ARRAY),
+            "'ORD-1' is no bigint"
+        );
+        assert!(!fits(&Type::TEXT, &Type::UUID_ARRAY));
+        assert!(!fits(&Type::INT4, &Type::UUID_ARRAY));
+        assert_eq!(
+            key_fits(&Type::TEXT, &Type::INT8_ARRAY).unwrap_err(),
+            "$1 is int8[] but the key column is text: some keys could never be marked, and would \
+             be sent again and again; compare the key's own column (WHERE <key column> = \
+             ANY($1)), or cast ($1::text[])"
+        );
+    }
 
     #[test]
     fn subquery_survives_semicolons_and_comments() {

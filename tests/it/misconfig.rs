@@ -261,6 +261,29 @@ fn command(path: &std::path::Path, command: &str) -> std::process::Output {
         .expect("run resonance-sync")
 }
 
+/// A `mark_synced` whose `$1` cannot hold every key (a text key, an integer column) would send
+/// rows it can never mark, again and again: `check` refuses it, naming both types.
+#[tokio::test]
+async fn check_refuses_a_mark_synced_whose_parameter_cannot_hold_the_key() {
+    let db = imports("('ORD-1', 'a@example.com')").await;
+    db.exec("ALTER TABLE imports ADD COLUMN id bigserial").await;
+    let mapping = imports_mapping("imports").replace("WHERE ref = ANY($1)", "WHERE id = ANY($1)");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping);
+    std::fs::write(&path, text).expect("write config");
+    let output = check(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "mapping 'imports': mark_synced: $1 is int8[] but the key column is text: some keys \
+             could never be marked"
+        ),
+        "{stderr}"
+    );
+}
+
 /// A mapping whose SQL stopped working (its table was renamed) is named by `status`, which still
 /// shows the others, and ends with exit 2.
 #[tokio::test]
