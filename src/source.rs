@@ -230,10 +230,11 @@ impl Source {
     }
 
     /// Rows the query returns without a key. They can be neither claimed nor marked, so they
-    /// are never sent: `check` says how many there are.
+    /// are never sent: `check` says how many there are. Every column of every row is computed
+    /// (`count(q)` reads the whole row), so a query that fails on some row's value fails here.
     pub async fn rows_without_key(&self, client: &impl GenericClient) -> Result<i64, DbError> {
         let sql = format!(
-            "SELECT count(*) FROM {} AS q WHERE q.{} IS NULL",
+            "SELECT count(*) FILTER (WHERE q.{1} IS NULL), count(q) FROM {0} AS q",
             subquery(&self.config.query),
             quote_ident(&self.config.key)
         );

@@ -284,7 +284,7 @@ fn poll_failed(shared: &Shared, lane: &Lane, outage: &mut Outage, error: &DbErro
     // row's value), or a permission is missing. Waiting does not fix that, so a backfill gives
     // this mapping up after a few tries; `run` goes on trying, with backoff, and says so.
     if tell {
-        tracing::error!(mapping = %config.name, %error, failures, retry_in_s, "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` shows the error");
+        tracing::error!(mapping = %config.name, %error, failures, retry_in_s, "the database refuses this mapping's statement (its query fails when run, or a permission is missing): fix it; `resonance-sync check` runs the query over every row and shows the error");
     }
     lane.stats
         .set_error(format!("the database refuses a statement: {error}"));

@@ -218,16 +218,24 @@ async fn check_warns_about_rows_without_a_key() {
     );
 }
 
-/// A query that prepares but fails when it runs (here on a row's value) is named by `check`,
-/// with the server's message, as a mapping problem (exit 2).
+/// A query that prepares but fails when it runs (here on one row's value, not the first row's:
+/// `check` runs the query whole, not only on its sample row) is named by `check`, with the
+/// server's message, as a mapping problem (exit 2).
 #[tokio::test]
 async fn check_names_the_mapping_whose_query_fails_when_run() {
     let db = TestDb::with_orders().await;
-    db.insert_orders(&[(Some("a@example.com"), "10.00", "USD")])
+    let ids = db
+        .insert_orders(&[
+            (Some("a@example.com"), "10.00", "USD"),
+            (Some("b@example.com"), "20.00", "USD"),
+        ])
         .await;
     let mapping = orders_mapping("orders").replace(
         "SELECT id, user_email, order_value, currency FROM orders",
-        "SELECT id, user_email, order_value, currency, 1 / (id - id) AS boom FROM orders",
+        &format!(
+            "SELECT id, user_email, order_value, currency, 1 / (id - {}) AS boom FROM orders",
+            ids[1]
+        ),
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("config.toml");
