@@ -121,6 +121,27 @@ pub async fn full_scans(
     Ok(found)
 }
 
+/// Whether the mapping's own query caps its rows (a `LIMIT` or `FETCH FIRST` at its top). Each
+/// poll would see only those rows, and once they are dead letters, never any other: one bad row
+/// would block the table.
+pub async fn caps_its_rows(client: &impl GenericClient, query: &str) -> Result<bool, DbError> {
+    let plan = explain(client, query, &[]).await?;
+    Ok(top_is_limit(&plan))
+}
+
+/// The plan's top node, through row locks (`FOR UPDATE` above a `LIMIT`), is a Limit.
+fn top_is_limit(plan: &Value) -> bool {
+    let mut node = plan.pointer("/0/Plan");
+    while let Some(current) = node {
+        match current.get("Node Type").and_then(Value::as_str) {
+            Some("Limit") => return true,
+            Some("LockRows") => node = current.pointer("/Plans/0"),
+            _ => return false,
+        }
+    }
+    false
+}
+
 async fn explain(
     client: &impl GenericClient,
     sql: &str,
@@ -275,6 +296,24 @@ fn unqualified(filter: &str, alias: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_at_the_top_of_the_plan_caps_the_rows() {
+        let plan = |json: &str| serde_json::from_str::<Value>(json).unwrap();
+        let limit = plan(r#"[{"Plan": {"Node Type": "Limit", "Plans": [{"Node Type": "Sort"}]}}]"#);
+        let locked =
+            plan(r#"[{"Plan": {"Node Type": "LockRows", "Plans": [{"Node Type": "Limit"}]}}]"#);
+        let inner =
+            plan(r#"[{"Plan": {"Node Type": "Hash Join", "Plans": [{"Node Type": "Limit"}]}}]"#);
+        let scan = plan(r#"[{"Plan": {"Node Type": "Seq Scan"}}]"#);
+        assert!(top_is_limit(&limit));
+        assert!(top_is_limit(&locked));
+        assert!(
+            !top_is_limit(&inner),
+            "a LIMIT inside a join caps a part, not the poll"
+        );
+        assert!(!top_is_limit(&scan));
+    }
     use serde_json::json;
 
     fn reads(plan: Value) -> Vec<TableRead> {

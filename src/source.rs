@@ -88,6 +88,17 @@ impl Source {
                 )]));
             }
         };
+        if crate::explain::caps_its_rows(client, &config.query)
+            .await
+            .unwrap_or(false)
+        {
+            return Err(fail(vec![
+                "query: it ends in LIMIT (or FETCH FIRST): each poll would see only those rows, \
+                 and once they are dead letters, no other row would ever be sent; remove it (the \
+                 daemon reads at most batch_size rows per poll anyway)"
+                    .to_string(),
+            ]));
+        }
         if !is_key_type(&key_type) {
             return Err(fail(vec![format!(
                 "the key column '{}' has type {}; a key must be an integer, text or uuid",

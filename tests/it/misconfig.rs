@@ -292,6 +292,30 @@ async fn check_refuses_a_mark_synced_whose_parameter_cannot_hold_the_key() {
     );
 }
 
+/// A query that ends in LIMIT would let its first rows, once dead letters, block every other
+/// row for ever: it is refused, with the reason.
+#[tokio::test]
+async fn a_query_that_caps_its_rows_with_limit_is_refused() {
+    let db = imports("('A-1', NULL), ('A-2', 'b@example.com')").await;
+    for capped in ["ORDER BY ref LIMIT 1", "FETCH FIRST 1 ROWS ONLY FOR UPDATE"] {
+        let mapping = imports_mapping("imports").replace(
+            "WHERE NOT synced\"",
+            &format!("WHERE NOT synced {capped}\""),
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.toml");
+        let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping);
+        std::fs::write(&path, text).expect("write config");
+        let output = check(&path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{capped}: {stderr}");
+        assert!(
+            stderr.contains("mapping 'imports': query: it ends in LIMIT (or FETCH FIRST)"),
+            "{capped}: {stderr}"
+        );
+    }
+}
+
 /// A mapping whose SQL stopped working (its table was renamed) is named by `status`, which still
 /// shows the others, and ends with exit 2.
 #[tokio::test]
