@@ -12,7 +12,7 @@
 //!   batch with bounded concurrency and hands every outcome to [`recorder`], the only place a
 //!   row is marked synced ([`lane`] holds what they share); [`gate`] pauses sending when the
 //!   API is down or refuses the key; [`listen`] wakes a loop at once on a NOTIFY.
-//! - [`app`] and [`admin`]: the commands; [`sandbox`]: a local stand-in for the API;
+//! - [`app`], [`check`] and [`admin`]: the commands; [`sandbox`]: a local stand-in for the API;
 //!   [`explain`] reads a mapping's query plan so `check` can warn about a missing index.
 //! - [`service`]: what `run` adds as a service: [`systemd`] notifications and watchdog, fed by
 //!   [`health`]'s per-loop heartbeats, and [`server`]'s `/metrics`, `/healthz` and `/readyz`;
@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod currency;
