@@ -7,6 +7,7 @@ use crate::app::{connect_and_prepare, AppError};
 use crate::config::Config;
 use crate::error::DbError;
 use crate::mapping::EventContext;
+use crate::source::Source;
 
 /// `check`: validates, connects, prepares, and prints one sample event per mapping.
 pub async fn check(config: &Config) -> Result<(), AppError> {
@@ -28,76 +29,123 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
     }
     let mut client = pool.get().await.map_err(DbError::from)?;
     for source in &sources {
-        let name = &source.config.name;
-        // A query can prepare and still fail when it runs (a division by zero, a bad cast of
-        // one row's value): say which mapping's. An outage stays a database error (exit 3).
-        let in_mapping = |error: DbError| {
-            if error.is_unavailable() {
-                AppError::Database(error)
-            } else {
-                AppError::Config(format!(
-                    "mapping '{name}': query: it fails when run: {error}"
-                ))
-            }
-        };
-        let backlog = source.backlog(&client).await.map_err(in_mapping)?;
-        crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
-        let without_key = source.rows_without_key(&client).await.map_err(in_mapping)?;
-        if without_key > 0 {
+        check_mapping(config, &mut client, source).await?;
+    }
+    Ok(())
+}
+
+/// One mapping's report; an error ends `check` with the mapping named.
+async fn check_mapping(
+    config: &Config,
+    client: &mut deadpool_postgres::Client,
+    source: &Source,
+) -> Result<(), AppError> {
+    let name = &source.config.name;
+    // A query can prepare and still fail when it runs (a division by zero, a bad cast of
+    // one row's value): say which mapping's. An outage stays a database error (exit 3).
+    let in_mapping = |error: DbError| {
+        if error.is_unavailable() {
+            AppError::Database(error)
+        } else {
+            AppError::Config(format!(
+                "mapping '{name}': query: it fails when run: {error}"
+            ))
+        }
+    };
+    let backlog = source.backlog(&*client).await.map_err(in_mapping)?;
+    crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
+    let without_key = source
+        .rows_without_key(&*client)
+        .await
+        .map_err(in_mapping)?;
+    if without_key > 0 {
+        crate::say!(
+            "  warning: {without_key} row(s) have no key ({} is NULL): they are never sent, \
+             marked or dead-lettered; give them a key or leave them out of the query",
+            source.config.key
+        );
+    }
+    let (repeated, examples) = source.repeated_keys(&*client).await.map_err(in_mapping)?;
+    if repeated > 0 {
+        let quoted: Vec<String> = examples.iter().map(|k| format!("'{k}'")).collect();
+        crate::say!(
+            "  warning: {repeated} key(s) are returned for more than one row (e.g. {}): \
+             such rows are never sent, each key becomes a dead letter duplicate_key; \
+             {} must be unique among the query's rows",
+            quoted.join(", "),
+            source.config.key
+        );
+    }
+    match crate::explain::full_scans(client, source).await {
+        Ok(scans) => scans
+            .iter()
+            .for_each(|scan| crate::say!("{}", scan.warning())),
+        Err(error) => {
+            crate::say!("  note: could not read the query's plan to check indexes: {error}")
+        }
+    }
+    let keys = source
+        .candidates(&*client, 1, None, &[])
+        .await
+        .map_err(in_mapping)?;
+    let rows = source.fetch(&*client, &keys).await.map_err(in_mapping)?;
+    let Some(row) = rows.first() else {
+        crate::say!("  no unsynced row to show a sample from");
+        return Ok(());
+    };
+    let context = EventContext {
+        brand_id: config.resonance.brand_id.clone(),
+        event_type: source.config.event_type.clone(),
+        mapping: name.clone(),
+    };
+    match source.shape.event(&context, row) {
+        Ok(event) => {
             crate::say!(
-                "  warning: {without_key} row(s) have no key ({} is NULL): they are never sent, \
-                 marked or dead-lettered; give them a key or leave them out of the query",
-                source.config.key
+                "  sample (not sent): Idempotency-Key {}",
+                event.idempotency_key
             );
+            crate::say!("  {}", String::from_utf8_lossy(&event.body));
         }
-        let (repeated, examples) = source.repeated_keys(&client).await.map_err(in_mapping)?;
-        if repeated > 0 {
-            let quoted: Vec<String> = examples.iter().map(|k| format!("'{k}'")).collect();
-            crate::say!(
-                "  warning: {repeated} key(s) are returned for more than one row (e.g. {}): \
-                 such rows are never sent, each key becomes a dead letter duplicate_key; \
-                 {} must be unique among the query's rows",
-                quoted.join(", "),
-                source.config.key
-            );
+        Err(row) => crate::say!(
+            "  sample row {} cannot be sent ({}: {}); it would be dead-lettered",
+            row.key,
+            row.reason,
+            row.detail
+        ),
+    }
+    try_mark(client, source, &keys[0]).await?;
+    Ok(())
+}
+
+/// Tries `mark_synced` on the sample row, rolled back: it must take that row, and only that
+/// row, out of the query. One that takes more would hide rows that were never sent.
+async fn try_mark(
+    client: &mut deadpool_postgres::Client,
+    source: &Source,
+    key: &str,
+) -> Result<(), AppError> {
+    let name = &source.config.name;
+    match source.trial_mark(client, key).await {
+        Ok(trial) if trial.others_taken > 0 => {
+            return Err(AppError::Config(format!(
+                "mapping '{name}': mark_synced: given the one key {key}, it also took {} other \
+                 row(s) out of the query (tried, and rolled back): it marks rows it was not \
+                 given, which would never be sent; make it match the key only \
+                 (WHERE {} = ANY($1))",
+                trial.others_taken, source.config.key
+            )))
         }
-        match crate::explain::full_scans(&mut client, source).await {
-            Ok(scans) => scans
-                .iter()
-                .for_each(|scan| crate::say!("{}", scan.warning())),
-            Err(error) => {
-                crate::say!("  note: could not read the query's plan to check indexes: {error}")
-            }
-        }
-        let keys = source
-            .candidates(&client, 1, None, &[])
-            .await
-            .map_err(in_mapping)?;
-        let rows = source.fetch(&client, &keys).await.map_err(in_mapping)?;
-        let Some(row) = rows.first() else {
-            crate::say!("  no unsynced row to show a sample from");
-            continue;
-        };
-        let context = EventContext {
-            brand_id: config.resonance.brand_id.clone(),
-            event_type: source.config.event_type.clone(),
-            mapping: name.clone(),
-        };
-        match source.shape.event(&context, row) {
-            Ok(event) => {
-                crate::say!(
-                    "  sample (not sent): Idempotency-Key {}",
-                    event.idempotency_key
-                );
-                crate::say!("  {}", String::from_utf8_lossy(&event.body));
-            }
-            Err(row) => crate::say!(
-                "  sample row {} cannot be sent ({}: {}); it would be dead-lettered",
-                row.key,
-                row.reason,
-                row.detail
-            ),
-        }
+        Ok(trial) if trial.left > 0 => crate::say!(
+            "  warning: mark_synced leaves the sample row ({key}) in the query (tried, rolled \
+             back): a delivered row would stay unsynced and become a dead letter not_marked; \
+             make it set what the query filters on"
+        ),
+        Ok(_) => crate::say!(
+            "  mark_synced takes the sample row ({key}) out of the query, and no other (tried, \
+             rolled back)"
+        ),
+        Err(error) if error.is_unavailable() => return Err(AppError::Database(error)),
+        Err(error) => crate::say!("  note: could not try mark_synced on the sample row: {error}"),
     }
     Ok(())
 }

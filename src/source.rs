@@ -271,6 +271,36 @@ impl Source {
         Ok((total, rows.iter().map(|row| row.get(0)).collect()))
     }
 
+    /// What `mark_synced`, given `key` alone, does to the query's rows, tried in a transaction
+    /// that is rolled back. Every count reads one snapshot, so rows that other instances mark
+    /// meanwhile do not count.
+    pub async fn trial_mark(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        key: &str,
+    ) -> Result<TrialMark, DbError> {
+        let transaction = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        let count = format!(
+            "SELECT count(*) FILTER (WHERE q.{0}::text IS DISTINCT FROM $1), \
+                    count(*) FILTER (WHERE q.{0}::text = $1) \
+               FROM {1} AS q",
+            quote_ident(&self.config.key),
+            subquery(&self.config.query)
+        );
+        let before = transaction.query_one(&count, &[&key]).await?;
+        self.mark_synced(&transaction, &[key.to_string()]).await?;
+        let after = transaction.query_one(&count, &[&key]).await?;
+        transaction.rollback().await?;
+        Ok(TrialMark {
+            others_taken: before.get::<_, i64>(0) - after.get::<_, i64>(0),
+            left: after.get(1),
+        })
+    }
+
     /// Runs the mapping's `mark_synced` for keys that each received a 2xx.
     pub async fn mark_synced(
         &self,
@@ -301,6 +331,15 @@ fn with_server_casts(fetch_sql: &str, statement: &tokio_postgres::Statement) -> 
         })
         .collect();
     Some(fetch_sql.replacen(" q.* ", &format!(" {} ", list.join(", ")), 1))
+}
+
+/// What `mark_synced` did to the query's rows when given one key (see [`Source::trial_mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrialMark {
+    /// Rows of other keys it took out of the query: none is right.
+    pub others_taken: i64,
+    /// Rows of the key itself still in the query: none is right.
+    pub left: i64,
 }
 
 /// Whether every key of a column of type `key` can be bound to `mark_synced`'s `$1` of type

@@ -292,6 +292,58 @@ async fn check_refuses_a_mark_synced_whose_parameter_cannot_hold_the_key() {
     );
 }
 
+/// `check` tries `mark_synced` on its sample row and rolls it back. One that marks more than the
+/// rows it is given (a wrong column, an OR) would hide rows never sent: refused, exit 2. One that
+/// leaves the row in the query is warned about. The database is left as it was.
+#[tokio::test]
+async fn check_tries_mark_synced_on_one_row_and_refuses_one_that_marks_others() {
+    let db =
+        imports("('A-1', 'a@example.com'), ('A-2', 'b@example.com'), ('A-3', 'c@example.com')")
+            .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let with_mark = |mark: &str| {
+        let mapping = imports_mapping("imports").replace(
+            "mark_synced = \"UPDATE imports SET synced = true WHERE ref = ANY($1)\"",
+            &format!("mark_synced = \"{mark}\""),
+        );
+        let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping);
+        std::fs::write(&path, text).expect("write config");
+        check(&path)
+    };
+
+    let good = with_mark("UPDATE imports SET synced = true WHERE ref = ANY($1)");
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("mark_synced takes the sample row (A-") && stdout.contains("rolled back"),
+        "{stdout}"
+    );
+
+    let greedy = with_mark("UPDATE imports SET synced = true WHERE ref = ANY($1) OR true");
+    let stderr = String::from_utf8_lossy(&greedy.stderr);
+    assert_eq!(greedy.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("mapping 'imports': mark_synced: given the one key A-")
+            && stderr.contains("it also took 2 other row(s) out of the query"),
+        "{stderr}"
+    );
+
+    let idle = with_mark("UPDATE imports SET user_email = user_email WHERE ref = ANY($1)");
+    let stdout = String::from_utf8_lossy(&idle.stdout);
+    assert!(idle.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: mark_synced leaves the sample row (A-"),
+        "{stdout}"
+    );
+    assert_eq!(
+        db.column("SELECT ref FROM imports WHERE NOT synced ORDER BY 1")
+            .await,
+        ["A-1", "A-2", "A-3"],
+        "every trial was rolled back"
+    );
+}
+
 /// A query that ends in LIMIT would let its first rows, once dead letters, block every other
 /// row for ever: it is refused, with the reason.
 #[tokio::test]
