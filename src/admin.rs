@@ -22,12 +22,21 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
             selection.mapping.as_deref()
         }
     };
-    if let Some(name) = named {
-        crate::app::known_mapping(config, name)?;
-    }
     let pool = crate::db::pool(&config.database).map_err(|e| AppError::Config(e.to_string()))?;
     let mut client = pool.get().await.map_err(DbError::from)?;
     crate::store::ensure_schema(&mut client).await?;
+    if let Some(name) = named {
+        // A mapping renamed or removed from the config still has its dead letters listed:
+        // they can be reached by its old name.
+        if crate::app::known_mapping(config, name).is_err() && has_letters(&client, name).await? {
+            tracing::warn!(
+                mapping = name,
+                "the config has no mapping of this name; acting on the dead letters it left"
+            );
+        } else {
+            crate::app::known_mapping(config, name)?;
+        }
+    }
     match command {
         DeadLetterCommand::List { mapping, purged } => {
             list(&client, mapping.as_deref(), purged).await
@@ -50,6 +59,19 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
             Ok(())
         }
     }
+}
+
+/// Whether the daemon's state holds dead letters of `mapping`.
+async fn has_letters(client: &impl GenericClient, mapping: &str) -> Result<bool, AppError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM resonance_sync.deliveries \
+                             WHERE mapping = $1 AND dead_at IS NOT NULL)",
+            &[&mapping],
+        )
+        .await
+        .map_err(DbError::from)?;
+    Ok(row.get(0))
 }
 
 async fn list(

@@ -141,6 +141,24 @@ async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
             "{stderr}"
         );
     }
+
+    // A mapping renamed in the config left dead letters under its old name: `list` shows them,
+    // so `purge` and `retry` reach them by that name.
+    db.exec(
+        "INSERT INTO resonance_sync.deliveries (mapping, row_key, attempts, dead_at, reason) \
+         VALUES ('old_orders', '7', 1, now(), 'rejected_by_api')",
+    )
+    .await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(&path)
+        .args(["dead-letters", "purge", "--mapping", "old_orders"])
+        .env("RESONANCE_API_KEY", API_KEY)
+        .output()
+        .expect("run the binary");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("1 dead letter(s) purged"), "{stdout}");
 }
 
 /// A key the query returns for several rows is never sent (see the next test): `check` names
