@@ -225,12 +225,16 @@ fn validate_database(
         "[database] connect_timeout",
         raw.connect_timeout.clone(),
         "5s",
+        TIMEOUT,
         problems,
     );
-    let claim_lease = duration("[database] claim_lease", raw.claim_lease, "30s", problems);
-    if claim_lease.is_some_and(|d| d < Duration::from_secs(2)) {
-        problems.push("[database] claim_lease: must be at least 2s".to_string());
-    }
+    let claim_lease = duration(
+        "[database] claim_lease",
+        raw.claim_lease,
+        "30s",
+        CLAIM_LEASE,
+        problems,
+    );
     let timestamp_zone = timestamp_zone(raw.timestamp_zone.as_deref(), problems);
     let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
         problems
@@ -288,10 +292,13 @@ fn validate_mapping(
             "{label}: mark_synced must use $1, the array of delivered keys (e.g. WHERE id = ANY($1))"
         ));
     }
-    let interval = duration(&format!("{label}: interval"), raw.interval, "30s", problems);
-    if interval.is_some_and(|d| d.is_zero()) {
-        problems.push(format!("{label}: interval must be longer than 0s"));
-    }
+    let interval = duration(
+        &format!("{label}: interval"),
+        raw.interval,
+        "30s",
+        INTERVAL,
+        problems,
+    );
     let batch_size = raw.batch_size.unwrap_or(500);
     if !(1..=10_000).contains(&batch_size) {
         problems.push(format!(
@@ -376,23 +383,75 @@ fn timestamp_zone(name: Option<&str>, problems: &mut Vec<String>) -> Option<chro
     }
 }
 
-/// Parses an optional human duration (`"30s"`, `"5m"`, `"1h 30m"`), falling back to `default`.
+/// The durations a key accepts, both ends included, and how the range is shown.
+///
+/// Every duration has an upper bound: PostgreSQL refuses intervals past a few million years,
+/// and a mistyped unit ("100000000y") should be refused by `check`, not by the server at run
+/// time. Lower bounds keep a zero out of waits and timeouts.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    min: Duration,
+    max: Duration,
+    shown: &'static str,
+}
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+/// Timeouts (`connect_timeout`, `timeout`): a zero would fail every attempt at once.
+const TIMEOUT: Range = Range {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(HOUR),
+    shown: "100ms to 1h",
+};
+/// `claim_lease`: renewed every third of it, so under 2s the renewals crowd the database.
+const CLAIM_LEASE: Range = Range {
+    min: Duration::from_secs(2),
+    max: Duration::from_secs(DAY),
+    shown: "2s to 24h",
+};
+/// A mapping's `interval`: how long an idle mapping waits before polling again.
+const INTERVAL: Range = Range {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(DAY),
+    shown: "100ms to 24h",
+};
+/// Waits before a retry (`backoff_*`, `retry_schedule`, `retry_after_max`): a zero wait would
+/// send to an API that is down in a tight loop.
+const RETRY_WAIT: Range = Range {
+    min: Duration::from_millis(50),
+    max: Duration::from_secs(30 * DAY),
+    shown: "50ms to 30 days",
+};
+
+/// Parses an optional human duration (`"30s"`, `"5m"`, `"1h 30m"`), falling back to `default`,
+/// and refuses one outside `range`.
 fn duration(
     label: &str,
     value: Option<String>,
     default: &str,
+    range: Range,
     problems: &mut Vec<String>,
 ) -> Option<Duration> {
     let text = value.unwrap_or_else(|| default.to_string());
-    match humantime::parse_duration(text.trim()) {
-        Ok(d) => Some(d),
+    let parsed = match humantime::parse_duration(text.trim()) {
+        Ok(d) => d,
         Err(e) => {
             problems.push(format!(
                 "{label}: '{text}' is not a duration like \"30s\", \"5m\" or \"2h\" ({e})"
             ));
-            None
+            return None;
         }
+    };
+    if parsed < range.min || parsed > range.max {
+        problems.push(format!(
+            "{label}: '{text}' is out of range ({})",
+            range.shown
+        ));
+        return None;
     }
+    Some(parsed)
 }
 
 mod raw;

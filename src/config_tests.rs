@@ -268,3 +268,126 @@ fn type_errors_say_what_to_write_not_which_rust_type() {
         problems(&pool)
     );
 }
+
+/// `MINIMAL` with `line` added at the start of `section` (`[database]`, `[resonance]`, or the
+/// mapping, by its `name` line).
+fn with_line(section: &str, line: &str) -> String {
+    let anchor = match section {
+        "mapping" => "name = \"orders\"",
+        other => other,
+    };
+    MINIMAL.replacen(anchor, &format!("{anchor}\n{line}"), 1)
+}
+
+#[test]
+fn durations_outside_their_range_are_refused_naming_the_key_and_the_range() {
+    let cases = [
+        (
+            "[database]",
+            "claim_lease = \"100000000y\"",
+            "[database] claim_lease: '100000000y' is out of range (2s to 24h)",
+        ),
+        (
+            "[database]",
+            "claim_lease = \"1s\"",
+            "[database] claim_lease: '1s' is out of range (2s to 24h)",
+        ),
+        (
+            "[database]",
+            "connect_timeout = \"0s\"",
+            "[database] connect_timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "timeout = \"0s\"",
+            "[resonance] timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "timeout = \"2h\"",
+            "[resonance] timeout: '2h' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "connect_timeout = \"0s\"",
+            "[resonance] connect_timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "backoff_initial = \"0s\"",
+            "[resonance] backoff_initial: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "backoff_max = \"0s\"",
+            "[resonance] backoff_max: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "backoff_max = \"31days\"",
+            "[resonance] backoff_max: '31days' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_schedule = [\"5s\", \"100000000y\"]",
+            "[resonance] retry_schedule[1]: '100000000y' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_schedule = [\"0s\"]",
+            "[resonance] retry_schedule[0]: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_after_max = \"0s\"",
+            "[resonance] retry_after_max: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_after_max = \"1000y\"",
+            "[resonance] retry_after_max: '1000y' is out of range (50ms to 30 days)",
+        ),
+        (
+            "mapping",
+            "interval = \"0s\"",
+            "mapping 'orders': interval: '0s' is out of range (100ms to 24h)",
+        ),
+        (
+            "mapping",
+            "interval = \"25h\"",
+            "mapping 'orders': interval: '25h' is out of range (100ms to 24h)",
+        ),
+    ];
+    for (section, line, wanted) in cases {
+        let found = problems(&with_line(section, line));
+        assert_eq!(found, vec![wanted.to_string()], "{line}");
+    }
+}
+
+#[test]
+fn durations_at_the_ends_of_their_range_are_accepted() {
+    let config = parse_ok(&with_line(
+        "[database]",
+        "claim_lease = \"24h\"\nconnect_timeout = \"100ms\"",
+    ));
+    assert_eq!(config.database.claim_lease, Duration::from_secs(24 * 3600));
+    let config = parse_ok(&with_line(
+        "[resonance]",
+        "timeout = \"1h\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"30days\"\nretry_schedule = [\"50ms\", \"30days\"]",
+    ));
+    assert_eq!(config.resonance.timeout, Duration::from_secs(3600));
+    let config = parse_ok(&with_line("mapping", "interval = \"24h\""));
+    assert_eq!(config.mappings[0].interval, Duration::from_secs(24 * 3600));
+}
+
+#[test]
+fn backoff_max_may_not_be_shorter_than_backoff_initial() {
+    let found = problems(&with_line(
+        "[resonance]",
+        "backoff_initial = \"10s\"\nbackoff_max = \"5s\"",
+    ));
+    assert_eq!(
+        found,
+        vec!["[resonance] backoff_initial (10s) is longer than backoff_max (5s)".to_string()]
+    );
+}

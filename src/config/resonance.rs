@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::{
     duration, Overrides, RawResonance, ResonanceConfig, CREDENTIAL_NAME, DEFAULT_ENDPOINT,
+    RETRY_WAIT, TIMEOUT,
 };
 use crate::retry::{default_run_schedule, RetryPolicy, Schedule};
 use crate::secret::Secret;
@@ -55,11 +56,18 @@ pub(super) fn validate_resonance(
             "[resonance] concurrency: {concurrency} is out of range (1 to 1024)"
         ));
     }
-    let timeout = duration("[resonance] timeout", raw.timeout.clone(), "10s", problems);
+    let timeout = duration(
+        "[resonance] timeout",
+        raw.timeout.clone(),
+        "10s",
+        TIMEOUT,
+        problems,
+    );
     let connect_timeout = duration(
         "[resonance] connect_timeout",
         raw.connect_timeout.clone(),
         "5s",
+        TIMEOUT,
         problems,
     );
     Some(ResonanceConfig {
@@ -88,18 +96,21 @@ fn validate_retry(
         "[resonance] backoff_initial",
         raw.backoff_initial.clone(),
         "1s",
+        RETRY_WAIT,
         problems,
     );
     let max = duration(
         "[resonance] backoff_max",
         raw.backoff_max.clone(),
         "5m",
+        RETRY_WAIT,
         problems,
     );
     let retry_after_max = duration(
         "[resonance] retry_after_max",
         raw.retry_after_max.clone(),
         "5m",
+        RETRY_WAIT,
         problems,
     );
     let max_attempts = raw.max_attempts.unwrap_or(5);
@@ -117,6 +128,7 @@ fn validate_retry(
                     &format!("[resonance] retry_schedule[{i}]"),
                     Some(entry.clone()),
                     "",
+                    RETRY_WAIT,
                     problems,
                 )
             })
