@@ -321,6 +321,7 @@ fn validate_mapping(
     });
     let (amount_minor_units, currency) =
         amount_columns(&label, raw.amount_minor_units, raw.currency, problems);
+    let notify_channel = notify_channel(&label, raw.notify_channel, problems);
     if problems.len() > before {
         return None;
     }
@@ -335,7 +336,7 @@ fn validate_mapping(
         query,
         mark_synced,
         metadata,
-        notify_channel: raw.notify_channel.filter(|c| !c.trim().is_empty()),
+        notify_channel,
         amount_minor_units,
         currency,
         timestamp_zone: chrono_tz::Tz::UTC,
@@ -364,6 +365,28 @@ fn amount_columns(
         _ => {}
     }
     (amount, currency)
+}
+
+/// The longest channel name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_CHANNEL_BYTES: usize = 63;
+
+/// `notify_channel`, refused when too long: LISTEN would silently truncate it while the CRM's
+/// `pg_notify()` with the full name fails ("channel name too long"), so nothing would arrive.
+fn notify_channel(
+    label: &str,
+    channel: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let channel = channel.filter(|c| !c.trim().is_empty())?;
+    if channel.len() > MAX_CHANNEL_BYTES {
+        problems.push(format!(
+            "{label}: notify_channel is {} bytes long; PostgreSQL channel names are at most \
+             {MAX_CHANNEL_BYTES} bytes (LISTEN would cut it short, and pg_notify() with the full \
+             name fails): choose a shorter name",
+            channel.len()
+        ));
+    }
+    Some(channel)
 }
 
 /// Parses `[database] timestamp_zone`, an IANA zone name; UTC when not set.

@@ -391,3 +391,35 @@ fn backoff_max_may_not_be_shorter_than_backoff_initial() {
         vec!["[resonance] backoff_initial (10s) is longer than backoff_max (5s)".to_string()]
     );
 }
+
+#[test]
+fn a_notify_channel_longer_than_postgresql_allows_is_refused() {
+    let longest = "c".repeat(63);
+    let config = parse_ok(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{longest}\""),
+    ));
+    assert_eq!(
+        config.mappings[0].notify_channel.as_deref(),
+        Some(&*longest)
+    );
+
+    let found = problems(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{}\"", "c".repeat(64)),
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with(
+            "mapping 'orders': notify_channel is 64 bytes long; PostgreSQL channel names are at \
+             most 63 bytes"
+        ),
+        "{found:#?}"
+    );
+    // Bytes, not characters: 32 two-byte letters are 64 bytes.
+    let found = problems(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{}\"", "é".repeat(32)),
+    ));
+    assert!(found[0].contains("is 64 bytes long"), "{found:#?}");
+}
