@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::retry::RetryPolicy;
 use crate::secret::Secret;
-use raw::{locate, unknown_keys, RawConfig, RawDatabase, RawMapping, RawResonance};
+use raw::{bracket_slips, locate, unknown_keys, RawConfig, RawDatabase, RawMapping, RawResonance};
 pub use raw::{DATABASE_KEYS, MAPPING_KEYS, RESONANCE_KEYS};
 
 /// The default production endpoint of the Resonance API.
@@ -156,7 +156,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
     let table: toml::Table =
         toml::from_str(text).map_err(|e| vec![format!("not valid TOML: {}", locate(text, &e))])?;
-    let mut problems = unknown_keys(&table);
+    let mut problems = bracket_slips(&table);
+    problems.extend(unknown_keys(&table));
     if !problems.is_empty() {
         return Err(problems);
     }

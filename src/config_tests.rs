@@ -423,3 +423,109 @@ fn a_notify_channel_longer_than_postgresql_allows_is_refused() {
     ));
     assert!(found[0].contains("is 64 bytes long"), "{found:#?}");
 }
+
+/// `MINIMAL` without its `[database]` section, for texts that write it differently.
+fn without_database() -> String {
+    MINIMAL.replace(
+        "[database]\nurl = \"postgres://postgres@127.0.0.1/crm\"\n",
+        "",
+    )
+}
+
+#[test]
+fn type_errors_of_sections_and_lists_say_what_to_write() {
+    let top = |line: &str| format!("{line}\n{}", without_database());
+    let before_mappings = |line: &str| {
+        let head = MINIMAL.split("[[mapping]]").next().unwrap();
+        format!("{line}\n{head}")
+    };
+    let cases = [
+        (
+            with_line("[resonance]", "max_attempts = -3"),
+            "max_attempts = -3",
+            "invalid value: integer `-3`, expected a whole number, 0 to 4294967295",
+        ),
+        (
+            top("database = \"x\""),
+            "database = \"x\"",
+            "invalid type: string \"x\", expected a table: [database]",
+        ),
+        (
+            before_mappings("mapping = [1]"),
+            "mapping = [1]",
+            "invalid type: integer `1`, expected a table: a [[mapping]] section",
+        ),
+        (
+            with_line("[resonance]", "retry_schedule = \"5s\""),
+            "retry_schedule = \"5s\"",
+            "invalid type: string \"5s\", expected a list in brackets, like [\"5s\", \"5m\"]",
+        ),
+        (
+            with_line("[resonance]", "allow_insecure_http = \"yes\""),
+            "allow_insecure_http = \"yes\"",
+            "invalid type: string \"yes\", expected true or false",
+        ),
+        (
+            with_line("mapping", "metadata = [1]"),
+            "metadata = [1]",
+            "invalid type: list, expected a table, like [mapping.metadata] or { field = \"column\" }",
+        ),
+    ];
+    for (text, line, wanted) in cases {
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].contains(&format!("(`{line}`): {wanted}")) && found[0].ends_with(wanted),
+            "{line}: {}",
+            found[0]
+        );
+    }
+}
+
+#[test]
+fn a_section_with_the_wrong_number_of_brackets_says_how_many() {
+    let found = problems(&MINIMAL.replace("[[mapping]]", "[mapping]"));
+    assert_eq!(
+        found,
+        vec!["[mapping] needs two brackets: write [[mapping]], once before each mapping"]
+    );
+    let found = problems(&MINIMAL.replace("[database]", "[[database]]"));
+    assert_eq!(
+        found,
+        vec![
+            "[[database]] has two brackets, which make a list of sections: write [database], once"
+        ]
+    );
+}
+
+#[test]
+fn no_type_error_names_a_rust_type() {
+    let texts = [
+        with_line("[resonance]", "max_attempts = -3"),
+        with_line("[resonance]", "concurrency = -1"),
+        format!("database = \"x\"\n{}", without_database()),
+        format!("resonance = 5\n{MINIMAL}")
+            .replace("[resonance]\nbrand_id = \"brand_test_01\"\n", ""),
+        format!("metrics = 3\n{MINIMAL}"),
+        format!(
+            "mapping = [1]\n{}",
+            MINIMAL.split("[[mapping]]").next().unwrap()
+        ),
+        MINIMAL.replace("[[mapping]]", "[mapping]"),
+        format!(
+            "mapping = {{ name = \"x\" }}\n{}",
+            MINIMAL.split("[[mapping]]").next().unwrap()
+        ),
+        with_line("mapping", "metadata = 5"),
+        with_line("[resonance]", "retry_schedule = [5]"),
+    ];
+    for text in texts {
+        let found = problems(&text).join("\n");
+        assert!(!found.contains("unknown key"), "{found}");
+        for rust in [
+            "Raw", "struct", "usize", "u32", "sequence", "map,", "boolean",
+        ] {
+            assert!(!found.contains(rust), "{rust} in: {found}");
+        }
+    }
+}
