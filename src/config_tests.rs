@@ -529,3 +529,36 @@ fn no_type_error_names_a_rust_type() {
         }
     }
 }
+
+#[test]
+fn an_api_key_pasted_into_api_key_file_is_not_shown() {
+    let found = problems(&with_line(
+        "[resonance]",
+        "api_key_file = \"sk_inline_SECRET\"",
+    ))
+    .join("\n");
+    assert!(
+        found.starts_with("[resonance] api_key_file: the file it names cannot be read"),
+        "{found}"
+    );
+    assert!(
+        found.contains("The key belongs in that file or in RESONANCE_API_KEY, never in the config"),
+        "{found}"
+    );
+    assert!(!found.contains("sk_inline_SECRET"), "{found}");
+    assert!(!found.contains("SECRET"), "{found}");
+}
+
+#[test]
+fn an_api_key_file_that_looks_like_a_path_is_named() {
+    for path in ["/nonexistent/key", "api-key.txt"] {
+        let found = problems(&with_line(
+            "[resonance]",
+            &format!("api_key_file = \"{path}\""),
+        ));
+        assert!(
+            found[0].starts_with(&format!("[resonance] api_key_file: cannot read {path}: ")),
+            "{found:#?}"
+        );
+    }
+}

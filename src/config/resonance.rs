@@ -243,16 +243,40 @@ fn load_api_key(
         Ok(_) => {
             problems.push(format!(
                 "[resonance] api_key_file: {} is empty",
-                path.display()
+                shown_key_file(&path)
             ));
             None
         }
-        Err(e) => {
+        Err(e) if looks_like_a_path(&path) => {
             problems.push(format!(
                 "[resonance] api_key_file: cannot read {}: {e}",
                 path.display()
             ));
             None
         }
+        Err(e) => {
+            problems.push(format!(
+                "[resonance] api_key_file: the file it names cannot be read ({e}); the name is \
+                 not shown, as it looks like it may be the API key itself. The key belongs in \
+                 that file or in RESONANCE_API_KEY, never in the config"
+            ));
+            None
+        }
+    }
+}
+
+/// Whether `api_key_file` looks like a file name rather than a key pasted where the name
+/// belongs: a key has no '/' and no '.', a path almost always has one of them.
+fn looks_like_a_path(path: &Path) -> bool {
+    let text = path.as_os_str().to_string_lossy();
+    text.contains('/') || text.contains('.')
+}
+
+/// The api_key_file for a message: its name when it looks like a path (that helps find it),
+/// else a placeholder, as the value may be the key itself.
+fn shown_key_file(path: &Path) -> String {
+    match looks_like_a_path(path) {
+        true => path.display().to_string(),
+        false => "the file it names".to_string(),
     }
 }
