@@ -215,6 +215,10 @@ fn validate_database(
     overrides: &Overrides,
     problems: &mut Vec<String>,
 ) -> Option<DatabaseConfig> {
+    let from = match overrides.database_url {
+        Some(_) => "DATABASE_URL",
+        None => "[database] url",
+    };
     let url = overrides.database_url.clone().or(raw.url);
     let pool_size = raw.pool_size.unwrap_or(8);
     if !(1..=256).contains(&pool_size) {
@@ -242,8 +246,11 @@ fn validate_database(
             .push("[database] url: not set (set it in the file or in DATABASE_URL)".to_string());
         return None;
     };
-    if let Err(problem) = crate::tls::split_url(&url) {
-        problems.push(format!("[database] url: {problem}"));
+    if let Err(problem) = crate::db::parse_url(&url) {
+        // The URL is not quoted: it may hold a password.
+        problems.push(format!(
+            "{from} is not a valid connection string: {problem}"
+        ));
     }
     Some(DatabaseConfig {
         url: Secret::new(url),

@@ -562,3 +562,51 @@ fn an_api_key_file_that_looks_like_a_path_is_named() {
         );
     }
 }
+
+#[test]
+fn a_connection_string_the_driver_would_refuse_is_a_config_problem_that_hides_the_password() {
+    let cases = [
+        (
+            "postgres://crm:hunter2@127.0.0.1:5432/crm?port=5999",
+            "it gives 2 ports for 1 host(s)",
+        ),
+        (
+            "postgres://crm:hunter2@127.0.0.1:99999/crm",
+            "invalid value for option `port` (a port is a number from 1 to 65535)",
+        ),
+        (
+            "postgres://crm:hunter2@127.0.0.1/crm?connect_timeout=abc",
+            "invalid value for option `connect_timeout` (a whole number of seconds",
+        ),
+        ("postgres://crm:hunter2@/crm", "it names no host"),
+        (
+            "host=127.0.0.1 password='hunter2 x' colour=blue",
+            "unknown option `colour`",
+        ),
+    ];
+    for (url, wanted) in cases {
+        let overrides = Overrides {
+            database_url: Some(url.to_string()),
+            ..Overrides::default()
+        };
+        let found = parse(MINIMAL, &overrides).expect_err(url);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("DATABASE_URL is not a valid connection string: ")
+                && found[0].contains(wanted),
+            "{url}: {}",
+            found[0]
+        );
+        assert!(!found[0].contains("hunter2"), "{}", found[0]);
+    }
+    let in_file = MINIMAL.replace(
+        "postgres://postgres@127.0.0.1/crm",
+        "postgres://crm:hunter2@127.0.0.1:99999/crm",
+    );
+    let found = problems(&in_file);
+    assert!(
+        found[0].starts_with("[database] url is not a valid connection string: "),
+        "{found:#?}"
+    );
+    assert!(!found[0].contains("hunter2"), "{found:#?}");
+}
