@@ -5,10 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{
-    duration, Overrides, RawResonance, ResonanceConfig, CREDENTIAL_NAME, DEFAULT_ENDPOINT,
-    RETRY_WAIT, TIMEOUT,
-};
+use super::duration::{duration, RETRY_WAIT, TIMEOUT};
+use super::{Overrides, RawResonance, ResonanceConfig, CREDENTIAL_NAME, DEFAULT_ENDPOINT};
 use crate::retry::{default_run_schedule, RetryPolicy, Schedule};
 use crate::secret::Secret;
 
