@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use crate::retry::RetryPolicy;
 use crate::secret::Secret;
-use raw::{locate, unknown_keys, RawConfig, RawDatabase, RawMapping, RawResonance};
+use duration::{duration, CLAIM_LEASE, INTERVAL, TIMEOUT};
+use raw::{bracket_slips, locate, unknown_keys, RawConfig, RawDatabase, RawMapping, RawResonance};
 pub use raw::{DATABASE_KEYS, MAPPING_KEYS, RESONANCE_KEYS};
 
 /// The default production endpoint of the Resonance API.
@@ -156,7 +157,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, Vec<String>> {
     let table: toml::Table =
         toml::from_str(text).map_err(|e| vec![format!("not valid TOML: {}", locate(text, &e))])?;
-    let mut problems = unknown_keys(&table);
+    let mut problems = bracket_slips(&table);
+    problems.extend(unknown_keys(&table));
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -214,6 +216,10 @@ fn validate_database(
     overrides: &Overrides,
     problems: &mut Vec<String>,
 ) -> Option<DatabaseConfig> {
+    let from = match overrides.database_url {
+        Some(_) => "DATABASE_URL",
+        None => "[database] url",
+    };
     let url = overrides.database_url.clone().or(raw.url);
     let pool_size = raw.pool_size.unwrap_or(8);
     if !(1..=256).contains(&pool_size) {
@@ -225,20 +231,27 @@ fn validate_database(
         "[database] connect_timeout",
         raw.connect_timeout.clone(),
         "5s",
+        TIMEOUT,
         problems,
     );
-    let claim_lease = duration("[database] claim_lease", raw.claim_lease, "30s", problems);
-    if claim_lease.is_some_and(|d| d < Duration::from_secs(2)) {
-        problems.push("[database] claim_lease: must be at least 2s".to_string());
-    }
+    let claim_lease = duration(
+        "[database] claim_lease",
+        raw.claim_lease,
+        "30s",
+        CLAIM_LEASE,
+        problems,
+    );
     let timestamp_zone = timestamp_zone(raw.timestamp_zone.as_deref(), problems);
     let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
         problems
             .push("[database] url: not set (set it in the file or in DATABASE_URL)".to_string());
         return None;
     };
-    if let Err(problem) = crate::tls::split_url(&url) {
-        problems.push(format!("[database] url: {problem}"));
+    if let Err(problem) = crate::db::parse_url(&url) {
+        // The URL is not quoted: it may hold a password.
+        problems.push(format!(
+            "{from} is not a valid connection string: {problem}"
+        ));
     }
     Some(DatabaseConfig {
         url: Secret::new(url),
@@ -288,10 +301,13 @@ fn validate_mapping(
             "{label}: mark_synced must use $1, the array of delivered keys (e.g. WHERE id = ANY($1))"
         ));
     }
-    let interval = duration(&format!("{label}: interval"), raw.interval, "30s", problems);
-    if interval.is_some_and(|d| d.is_zero()) {
-        problems.push(format!("{label}: interval must be longer than 0s"));
-    }
+    let interval = duration(
+        &format!("{label}: interval"),
+        raw.interval,
+        "30s",
+        INTERVAL,
+        problems,
+    );
     let batch_size = raw.batch_size.unwrap_or(500);
     if !(1..=10_000).contains(&batch_size) {
         problems.push(format!(
@@ -314,6 +330,7 @@ fn validate_mapping(
     });
     let (amount_minor_units, currency) =
         amount_columns(&label, raw.amount_minor_units, raw.currency, problems);
+    let notify_channel = notify_channel(&label, raw.notify_channel, problems);
     if problems.len() > before {
         return None;
     }
@@ -328,7 +345,7 @@ fn validate_mapping(
         query,
         mark_synced,
         metadata,
-        notify_channel: raw.notify_channel.filter(|c| !c.trim().is_empty()),
+        notify_channel,
         amount_minor_units,
         currency,
         timestamp_zone: chrono_tz::Tz::UTC,
@@ -359,6 +376,28 @@ fn amount_columns(
     (amount, currency)
 }
 
+/// The longest channel name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_CHANNEL_BYTES: usize = 63;
+
+/// `notify_channel`, refused when too long: LISTEN would silently truncate it while the CRM's
+/// `pg_notify()` with the full name fails ("channel name too long"), so nothing would arrive.
+fn notify_channel(
+    label: &str,
+    channel: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let channel = channel.filter(|c| !c.trim().is_empty())?;
+    if channel.len() > MAX_CHANNEL_BYTES {
+        problems.push(format!(
+            "{label}: notify_channel is {} bytes long; PostgreSQL channel names are at most \
+             {MAX_CHANNEL_BYTES} bytes (LISTEN would cut it short, and pg_notify() with the full \
+             name fails): choose a shorter name",
+            channel.len()
+        ));
+    }
+    Some(channel)
+}
+
 /// Parses `[database] timestamp_zone`, an IANA zone name; UTC when not set.
 fn timestamp_zone(name: Option<&str>, problems: &mut Vec<String>) -> Option<chrono_tz::Tz> {
     let Some(name) = name else {
@@ -376,25 +415,7 @@ fn timestamp_zone(name: Option<&str>, problems: &mut Vec<String>) -> Option<chro
     }
 }
 
-/// Parses an optional human duration (`"30s"`, `"5m"`, `"1h 30m"`), falling back to `default`.
-fn duration(
-    label: &str,
-    value: Option<String>,
-    default: &str,
-    problems: &mut Vec<String>,
-) -> Option<Duration> {
-    let text = value.unwrap_or_else(|| default.to_string());
-    match humantime::parse_duration(text.trim()) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            problems.push(format!(
-                "{label}: '{text}' is not a duration like \"30s\", \"5m\" or \"2h\" ({e})"
-            ));
-            None
-        }
-    }
-}
-
+mod duration;
 mod raw;
 mod resonance;
 

@@ -268,3 +268,345 @@ fn type_errors_say_what_to_write_not_which_rust_type() {
         problems(&pool)
     );
 }
+
+/// `MINIMAL` with `line` added at the start of `section` (`[database]`, `[resonance]`, or the
+/// mapping, by its `name` line).
+fn with_line(section: &str, line: &str) -> String {
+    let anchor = match section {
+        "mapping" => "name = \"orders\"",
+        other => other,
+    };
+    MINIMAL.replacen(anchor, &format!("{anchor}\n{line}"), 1)
+}
+
+#[test]
+fn durations_outside_their_range_are_refused_naming_the_key_and_the_range() {
+    let cases = [
+        (
+            "[database]",
+            "claim_lease = \"100000000y\"",
+            "[database] claim_lease: '100000000y' is out of range (2s to 24h)",
+        ),
+        (
+            "[database]",
+            "claim_lease = \"1s\"",
+            "[database] claim_lease: '1s' is out of range (2s to 24h)",
+        ),
+        (
+            "[database]",
+            "connect_timeout = \"0s\"",
+            "[database] connect_timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "timeout = \"0s\"",
+            "[resonance] timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "timeout = \"2h\"",
+            "[resonance] timeout: '2h' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "connect_timeout = \"0s\"",
+            "[resonance] connect_timeout: '0s' is out of range (100ms to 1h)",
+        ),
+        (
+            "[resonance]",
+            "backoff_initial = \"0s\"",
+            "[resonance] backoff_initial: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "backoff_max = \"0s\"",
+            "[resonance] backoff_max: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "backoff_max = \"31days\"",
+            "[resonance] backoff_max: '31days' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_schedule = [\"5s\", \"100000000y\"]",
+            "[resonance] retry_schedule[1]: '100000000y' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_schedule = [\"0s\"]",
+            "[resonance] retry_schedule[0]: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_after_max = \"0s\"",
+            "[resonance] retry_after_max: '0s' is out of range (50ms to 30 days)",
+        ),
+        (
+            "[resonance]",
+            "retry_after_max = \"1000y\"",
+            "[resonance] retry_after_max: '1000y' is out of range (50ms to 30 days)",
+        ),
+        (
+            "mapping",
+            "interval = \"0s\"",
+            "mapping 'orders': interval: '0s' is out of range (100ms to 24h)",
+        ),
+        (
+            "mapping",
+            "interval = \"25h\"",
+            "mapping 'orders': interval: '25h' is out of range (100ms to 24h)",
+        ),
+    ];
+    for (section, line, wanted) in cases {
+        let found = problems(&with_line(section, line));
+        assert_eq!(found, vec![wanted.to_string()], "{line}");
+    }
+}
+
+#[test]
+fn durations_at_the_ends_of_their_range_are_accepted() {
+    let config = parse_ok(&with_line(
+        "[database]",
+        "claim_lease = \"24h\"\nconnect_timeout = \"100ms\"",
+    ));
+    assert_eq!(config.database.claim_lease, Duration::from_secs(24 * 3600));
+    let config = parse_ok(&with_line(
+        "[resonance]",
+        "timeout = \"1h\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"30days\"\nretry_schedule = [\"50ms\", \"30days\"]",
+    ));
+    assert_eq!(config.resonance.timeout, Duration::from_secs(3600));
+    let config = parse_ok(&with_line("mapping", "interval = \"24h\""));
+    assert_eq!(config.mappings[0].interval, Duration::from_secs(24 * 3600));
+}
+
+#[test]
+fn backoff_max_may_not_be_shorter_than_backoff_initial() {
+    let found = problems(&with_line(
+        "[resonance]",
+        "backoff_initial = \"10s\"\nbackoff_max = \"5s\"",
+    ));
+    assert_eq!(
+        found,
+        vec!["[resonance] backoff_initial (10s) is longer than backoff_max (5s)".to_string()]
+    );
+}
+
+#[test]
+fn a_notify_channel_longer_than_postgresql_allows_is_refused() {
+    let longest = "c".repeat(63);
+    let config = parse_ok(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{longest}\""),
+    ));
+    assert_eq!(
+        config.mappings[0].notify_channel.as_deref(),
+        Some(&*longest)
+    );
+
+    let found = problems(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{}\"", "c".repeat(64)),
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with(
+            "mapping 'orders': notify_channel is 64 bytes long; PostgreSQL channel names are at \
+             most 63 bytes"
+        ),
+        "{found:#?}"
+    );
+    // Bytes, not characters: 32 two-byte letters are 64 bytes.
+    let found = problems(&with_line(
+        "mapping",
+        &format!("notify_channel = \"{}\"", "é".repeat(32)),
+    ));
+    assert!(found[0].contains("is 64 bytes long"), "{found:#?}");
+}
+
+/// `MINIMAL` without its `[database]` section, for texts that write it differently.
+fn without_database() -> String {
+    MINIMAL.replace(
+        "[database]\nurl = \"postgres://postgres@127.0.0.1/crm\"\n",
+        "",
+    )
+}
+
+#[test]
+fn type_errors_of_sections_and_lists_say_what_to_write() {
+    let top = |line: &str| format!("{line}\n{}", without_database());
+    let before_mappings = |line: &str| {
+        let head = MINIMAL.split("[[mapping]]").next().unwrap();
+        format!("{line}\n{head}")
+    };
+    let cases = [
+        (
+            with_line("[resonance]", "max_attempts = -3"),
+            "max_attempts = -3",
+            "invalid value: integer `-3`, expected a whole number, 0 to 4294967295",
+        ),
+        (
+            top("database = \"x\""),
+            "database = \"x\"",
+            "invalid type: string \"x\", expected a table: [database]",
+        ),
+        (
+            before_mappings("mapping = [1]"),
+            "mapping = [1]",
+            "invalid type: integer `1`, expected a table: a [[mapping]] section",
+        ),
+        (
+            with_line("[resonance]", "retry_schedule = \"5s\""),
+            "retry_schedule = \"5s\"",
+            "invalid type: string \"5s\", expected a list in brackets, like [\"5s\", \"5m\"]",
+        ),
+        (
+            with_line("[resonance]", "allow_insecure_http = \"yes\""),
+            "allow_insecure_http = \"yes\"",
+            "invalid type: string \"yes\", expected true or false",
+        ),
+        (
+            with_line("mapping", "metadata = [1]"),
+            "metadata = [1]",
+            "invalid type: list, expected a table, like [mapping.metadata] or { field = \"column\" }",
+        ),
+    ];
+    for (text, line, wanted) in cases {
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].contains(&format!("(`{line}`): {wanted}")) && found[0].ends_with(wanted),
+            "{line}: {}",
+            found[0]
+        );
+    }
+}
+
+#[test]
+fn a_section_with_the_wrong_number_of_brackets_says_how_many() {
+    let found = problems(&MINIMAL.replace("[[mapping]]", "[mapping]"));
+    assert_eq!(
+        found,
+        vec!["[mapping] needs two brackets: write [[mapping]], once before each mapping"]
+    );
+    let found = problems(&MINIMAL.replace("[database]", "[[database]]"));
+    assert_eq!(
+        found,
+        vec![
+            "[[database]] has two brackets, which make a list of sections: write [database], once"
+        ]
+    );
+}
+
+#[test]
+fn no_type_error_names_a_rust_type() {
+    let texts = [
+        with_line("[resonance]", "max_attempts = -3"),
+        with_line("[resonance]", "concurrency = -1"),
+        format!("database = \"x\"\n{}", without_database()),
+        format!("resonance = 5\n{MINIMAL}")
+            .replace("[resonance]\nbrand_id = \"brand_test_01\"\n", ""),
+        format!("metrics = 3\n{MINIMAL}"),
+        format!(
+            "mapping = [1]\n{}",
+            MINIMAL.split("[[mapping]]").next().unwrap()
+        ),
+        MINIMAL.replace("[[mapping]]", "[mapping]"),
+        format!(
+            "mapping = {{ name = \"x\" }}\n{}",
+            MINIMAL.split("[[mapping]]").next().unwrap()
+        ),
+        with_line("mapping", "metadata = 5"),
+        with_line("[resonance]", "retry_schedule = [5]"),
+    ];
+    for text in texts {
+        let found = problems(&text).join("\n");
+        assert!(!found.contains("unknown key"), "{found}");
+        for rust in [
+            "Raw", "struct", "usize", "u32", "sequence", "map,", "boolean",
+        ] {
+            assert!(!found.contains(rust), "{rust} in: {found}");
+        }
+    }
+}
+
+#[test]
+fn an_api_key_pasted_into_api_key_file_is_not_shown() {
+    let found = problems(&with_line(
+        "[resonance]",
+        "api_key_file = \"sk_inline_SECRET\"",
+    ))
+    .join("\n");
+    assert!(
+        found.starts_with("[resonance] api_key_file: the file it names cannot be read"),
+        "{found}"
+    );
+    assert!(
+        found.contains("The key belongs in that file or in RESONANCE_API_KEY, never in the config"),
+        "{found}"
+    );
+    assert!(!found.contains("sk_inline_SECRET"), "{found}");
+    assert!(!found.contains("SECRET"), "{found}");
+}
+
+#[test]
+fn an_api_key_file_that_looks_like_a_path_is_named() {
+    for path in ["/nonexistent/key", "api-key.txt"] {
+        let found = problems(&with_line(
+            "[resonance]",
+            &format!("api_key_file = \"{path}\""),
+        ));
+        assert!(
+            found[0].starts_with(&format!("[resonance] api_key_file: cannot read {path}: ")),
+            "{found:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_connection_string_the_driver_would_refuse_is_a_config_problem_that_hides_the_password() {
+    let cases = [
+        (
+            "postgres://crm:hunter2@127.0.0.1:5432/crm?port=5999",
+            "it gives 2 ports for 1 host(s)",
+        ),
+        (
+            "postgres://crm:hunter2@127.0.0.1:99999/crm",
+            "invalid value for option `port` (a port is a number from 1 to 65535)",
+        ),
+        (
+            "postgres://crm:hunter2@127.0.0.1/crm?connect_timeout=abc",
+            "invalid value for option `connect_timeout` (a whole number of seconds",
+        ),
+        ("postgres://crm:hunter2@/crm", "it names no host"),
+        (
+            "host=127.0.0.1 password='hunter2 x' colour=blue",
+            "unknown option `colour`",
+        ),
+    ];
+    for (url, wanted) in cases {
+        let overrides = Overrides {
+            database_url: Some(url.to_string()),
+            ..Overrides::default()
+        };
+        let found = parse(MINIMAL, &overrides).expect_err(url);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert!(
+            found[0].starts_with("DATABASE_URL is not a valid connection string: ")
+                && found[0].contains(wanted),
+            "{url}: {}",
+            found[0]
+        );
+        assert!(!found[0].contains("hunter2"), "{}", found[0]);
+    }
+    let in_file = MINIMAL.replace(
+        "postgres://postgres@127.0.0.1/crm",
+        "postgres://crm:hunter2@127.0.0.1:99999/crm",
+    );
+    let found = problems(&in_file);
+    assert!(
+        found[0].starts_with("[database] url is not a valid connection string: "),
+        "{found:#?}"
+    );
+    assert!(!found[0].contains("hunter2"), "{found:#?}");
+}

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseConfig;
 use crate::error::DbError;
-use crate::secret::redact_database_url;
+use crate::secret::{redact_database_url, Secret};
 use crate::tls;
 
 /// The `application_name` the daemon's sessions carry, unless the URL sets one.
@@ -24,22 +24,73 @@ pub const APPLICATION_NAME: &str = "resonance-sync";
 /// driver does not know `verify-ca`, `verify-full` or `sslrootcert`.
 pub fn pg_config(config: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
     let url = config.url.expose();
-    let invalid = |problem: String| {
+    let (mut pg, tls) = parse_url(url).map_err(|problem| {
         DbError::Other(format!(
-            "[database] url '{}' is not valid: {}",
-            redact_database_url(url),
-            config.url.scrub(&problem)
+            "[database] url '{}' is not valid: {problem}",
+            redact_database_url(url)
         ))
-    };
-    let (driver_url, tls) = tls::split_url(url).map_err(invalid)?;
-    let mut pg =
-        tokio_postgres::Config::from_str(&driver_url).map_err(|e| invalid(e.to_string()))?;
+    })?;
     pg.ssl_mode(tls.mode.driver_mode());
     if pg.get_application_name().is_none() {
         pg.application_name(APPLICATION_NAME);
     }
     pg.connect_timeout(config.connect_timeout);
     Ok(pg)
+}
+
+/// Parses a database URL (`postgres://...` or libpq `key=value`) as every connection will use
+/// it: the driver's settings and the TLS options, or what is wrong with it. The problem never
+/// quotes the URL (it may hold a password); config validation calls this, so that a bad URL is
+/// a configuration error (exit 2) for every command, not a failure to connect.
+pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, tls::TlsOptions), String> {
+    let scrub = |problem: String| Secret::new(url).scrub(&problem);
+    let (driver_url, tls) = tls::split_url(url).map_err(scrub)?;
+    let pg = tokio_postgres::Config::from_str(&driver_url)
+        .map_err(|e| scrub(describe_parse_error(&e)))?;
+    check_hosts_and_ports(&pg)?;
+    Ok((pg, tls))
+}
+
+/// The driver says only "invalid connection string"; its cause says which option.
+fn describe_parse_error(error: &tokio_postgres::Error) -> String {
+    let text = crate::error::with_causes(error);
+    let text = text
+        .strip_prefix("invalid connection string: ")
+        .unwrap_or(&text)
+        .to_string();
+    let hint = if text.contains("option `port`") {
+        " (a port is a number from 1 to 65535)"
+    } else if text.contains("option `connect_timeout`") {
+        " (a whole number of seconds; or leave it out: [database] connect_timeout applies)"
+    } else {
+        ""
+    };
+    text + hint
+}
+
+/// What the driver would refuse only when it connects, checked now: it needs a host, and one
+/// port for all hosts or one per host.
+fn check_hosts_and_ports(pg: &tokio_postgres::Config) -> Result<(), String> {
+    let (hosts, hostaddrs) = (pg.get_hosts().len(), pg.get_hostaddrs().len());
+    if hosts == 0 && hostaddrs == 0 {
+        return Err(
+            "it names no host: write postgres://HOST/DB or host=HOST (e.g. 127.0.0.1)".to_string(),
+        );
+    }
+    if hosts > 0 && hostaddrs > 0 && hosts != hostaddrs {
+        return Err(format!(
+            "it names {hosts} host(s) but {hostaddrs} hostaddr(s): give one hostaddr per host"
+        ));
+    }
+    let (ports, hosts) = (pg.get_ports().len(), hosts.max(hostaddrs));
+    if ports > 1 && ports != hosts {
+        return Err(format!(
+            "it gives {ports} ports for {hosts} host(s): give one, or one per host; in a \
+             postgres:// URL write it after the host (HOST:PORT), not in ?port=, which the \
+             driver adds to the host's port (5432 when none is written)"
+        ));
+    }
+    Ok(())
 }
 
 /// The TLS connector for the URL's `sslmode` and `sslrootcert`, for every connection made.

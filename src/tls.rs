@@ -319,6 +319,28 @@ fn refused(text: String) -> rustls::Error {
     rustls::Error::Other(rustls::OtherError(Arc::new(Refused(text))))
 }
 
+/// The host names a certificate is valid for, as written: webpki gives them in Rust's debug
+/// form (`DnsName("localhost")`, `IpAddress(10.0.0.1)`).
+fn names_valid_for(error: &CertificateError) -> String {
+    let CertificateError::NotValidForNameContext { presented, .. } = error else {
+        return "it names other hosts".to_string();
+    };
+    let plain = |name: &str| {
+        [("DnsName(\"", "\")"), ("IpAddress(", ")")]
+            .iter()
+            .find_map(|(open, close)| name.strip_prefix(open)?.strip_suffix(close))
+            .unwrap_or(name)
+            .to_string()
+    };
+    match presented.as_slice() {
+        [] => "it names no host".to_string(),
+        names => {
+            let names: Vec<String> = names.iter().map(|n| plain(n)).collect();
+            format!("it is valid only for {}", names.join(", "))
+        }
+    }
+}
+
 impl ServerCertVerifier for Verified {
     fn verify_server_cert(
         &self,
@@ -347,8 +369,9 @@ impl ServerCertVerifier for Verified {
                 | CertificateError::NotValidForNameContext { .. }),
             )) => Err(refused(format!(
                 "the server's certificate is not valid for the host '{}' (sslmode=verify-full \
-                 checks the name; verify-ca does not): {error}",
-                server_name.to_str()
+                 checks the name; verify-ca does not): {}",
+                server_name.to_str(),
+                names_valid_for(&error)
             ))),
             other => other,
         }

@@ -121,7 +121,8 @@ pub(super) fn locate(text: &str, error: &toml::de::Error) -> String {
     format!("line {line_number} (`{line}`): {message}")
 }
 
-/// serde names the Rust type it expected ("expected usize"); say what to write instead.
+/// serde names the Rust type it expected ("expected usize", "expected struct RawDatabase");
+/// say what to write instead.
 fn plain_types(message: &str) -> String {
     let mut message = message.to_string();
     for (rust, plain) in [
@@ -130,9 +131,34 @@ fn plain_types(message: &str) -> String {
         ("expected u32", "expected a whole number, 0 to 4294967295"),
         ("expected u16", "expected a whole number, 0 to 65535"),
         ("expected f64", "expected a number"),
+        ("invalid type: map", "invalid type: table"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("expected a boolean", "expected true or false"),
         (
             "expected a string",
             "expected a string in quotes (durations too: \"30s\")",
+        ),
+        // retry_schedule is the only list of the file once [[mapping]] is checked.
+        (
+            "expected a sequence",
+            "expected a list in brackets, like [\"5s\", \"5m\"]",
+        ),
+        (
+            "expected a map",
+            "expected a table, like [mapping.metadata] or { field = \"column\" }",
+        ),
+        (
+            "expected struct RawDatabase",
+            "expected a table: [database]",
+        ),
+        (
+            "expected struct RawResonance",
+            "expected a table: [resonance]",
+        ),
+        ("expected struct RawMetrics", "expected a table: [metrics]"),
+        (
+            "expected struct RawMapping",
+            "expected a table: a [[mapping]] section",
         ),
     ] {
         if let Some(at) = message.find(rust) {
@@ -144,6 +170,31 @@ fn plain_types(message: &str) -> String {
         }
     }
     message
+}
+
+/// Sections written with the wrong number of brackets: `[mapping]` for `[[mapping]]` (a typical
+/// slip, which serde would report as "expected a sequence"), or `[[database]]` for `[database]`.
+pub(super) fn bracket_slips(table: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    match table.get("mapping") {
+        None | Some(toml::Value::Array(_)) => {}
+        Some(toml::Value::Table(_)) => problems.push(
+            "[mapping] needs two brackets: write [[mapping]], once before each mapping".to_string(),
+        ),
+        Some(_) => problems.push(
+            "mapping: each mapping is a [[mapping]] section (two brackets), one per mapping"
+                .to_string(),
+        ),
+    }
+    for section in ["database", "resonance", "metrics"] {
+        if let Some(toml::Value::Array(_)) = table.get(section) {
+            problems.push(format!(
+                "[[{section}]] has two brackets, which make a list of sections: write \
+                 [{section}], once"
+            ));
+        }
+    }
+    problems
 }
 
 pub(super) fn unknown_keys(table: &toml::Table) -> Vec<String> {

@@ -5,9 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{
-    duration, Overrides, RawResonance, ResonanceConfig, CREDENTIAL_NAME, DEFAULT_ENDPOINT,
-};
+use super::duration::{duration, RETRY_WAIT, TIMEOUT};
+use super::{Overrides, RawResonance, ResonanceConfig, CREDENTIAL_NAME, DEFAULT_ENDPOINT};
 use crate::retry::{default_run_schedule, RetryPolicy, Schedule};
 use crate::secret::Secret;
 
@@ -55,11 +54,18 @@ pub(super) fn validate_resonance(
             "[resonance] concurrency: {concurrency} is out of range (1 to 1024)"
         ));
     }
-    let timeout = duration("[resonance] timeout", raw.timeout.clone(), "10s", problems);
+    let timeout = duration(
+        "[resonance] timeout",
+        raw.timeout.clone(),
+        "10s",
+        TIMEOUT,
+        problems,
+    );
     let connect_timeout = duration(
         "[resonance] connect_timeout",
         raw.connect_timeout.clone(),
         "5s",
+        TIMEOUT,
         problems,
     );
     Some(ResonanceConfig {
@@ -88,18 +94,21 @@ fn validate_retry(
         "[resonance] backoff_initial",
         raw.backoff_initial.clone(),
         "1s",
+        RETRY_WAIT,
         problems,
     );
     let max = duration(
         "[resonance] backoff_max",
         raw.backoff_max.clone(),
         "5m",
+        RETRY_WAIT,
         problems,
     );
     let retry_after_max = duration(
         "[resonance] retry_after_max",
         raw.retry_after_max.clone(),
         "5m",
+        RETRY_WAIT,
         problems,
     );
     let max_attempts = raw.max_attempts.unwrap_or(5);
@@ -117,6 +126,7 @@ fn validate_retry(
                     &format!("[resonance] retry_schedule[{i}]"),
                     Some(entry.clone()),
                     "",
+                    RETRY_WAIT,
                     problems,
                 )
             })
@@ -231,16 +241,40 @@ fn load_api_key(
         Ok(_) => {
             problems.push(format!(
                 "[resonance] api_key_file: {} is empty",
-                path.display()
+                shown_key_file(&path)
             ));
             None
         }
-        Err(e) => {
+        Err(e) if looks_like_a_path(&path) => {
             problems.push(format!(
                 "[resonance] api_key_file: cannot read {}: {e}",
                 path.display()
             ));
             None
         }
+        Err(e) => {
+            problems.push(format!(
+                "[resonance] api_key_file: the file it names cannot be read ({e}); the name is \
+                 not shown, as it looks like it may be the API key itself. The key belongs in \
+                 that file or in RESONANCE_API_KEY, never in the config"
+            ));
+            None
+        }
+    }
+}
+
+/// Whether `api_key_file` looks like a file name rather than a key pasted where the name
+/// belongs: a key has no '/' and no '.', a path almost always has one of them.
+fn looks_like_a_path(path: &Path) -> bool {
+    let text = path.as_os_str().to_string_lossy();
+    text.contains('/') || text.contains('.')
+}
+
+/// The api_key_file for a message: its name when it looks like a path (that helps find it),
+/// else a placeholder, as the value may be the key itself.
+fn shown_key_file(path: &Path) -> String {
+    match looks_like_a_path(path) {
+        true => path.display().to_string(),
+        false => "the file it names".to_string(),
     }
 }

@@ -8,6 +8,7 @@ mod cases;
 mod chinook;
 #[allow(dead_code)]
 mod cluster;
+mod config_errors;
 mod delivery;
 mod exact_values;
 mod faults;
