@@ -348,7 +348,7 @@ async fn poll_once(
     limit: usize,
 ) -> Result<Polled, crate::error::DbError> {
     let name = lane.name();
-    let client = shared.pool.get().await?;
+    let mut client = shared.pool.get().await?;
     let stranded = lane.take_stranded();
     if !stranded.is_empty() {
         // Given back before looking for candidates, so that these rows are among them.
@@ -359,11 +359,33 @@ async fn poll_once(
         tracing::info!(mapping = %name, rows = stranded.len(), "gave back claims whose outcome could not be written down; their rows are tried again");
     }
     let given_up = lane.given_up();
+    // Candidates are found with sequential scans discouraged. With statistics that lag behind
+    // (autovacuum busy, or off), the planner takes nearly every row for unsynced and reads the
+    // table from its start, past every row already synced, rather than the partial index, so
+    // each poll of a drain costs more than the last. Without such an index it still scans.
+    let transaction = client.transaction().await?;
+    transaction
+        .batch_execute("SET LOCAL enable_seqscan = off")
+        .await?;
     let keys = lane
         .source
-        .candidates(&client, limit, shared.backfill_started(), &given_up)
+        .candidates(&transaction, limit, shared.backfill_started(), &given_up)
         .await?;
     shared.database_down.store(false, Ordering::Release);
+    let claims = if keys.is_empty() {
+        Vec::new()
+    } else {
+        store::claim(
+            &transaction,
+            name,
+            &keys,
+            shared.instance,
+            shared.settings.claim_lease,
+            shared.backfill_started(),
+        )
+        .await?
+    };
+    transaction.commit().await?;
     if backlog_count_due(lane, keys.len()) {
         refresh_backlog(&client, lane).await;
     }
@@ -373,15 +395,6 @@ async fn poll_once(
             claimed: 0,
         });
     }
-    let claims = store::claim(
-        &client,
-        name,
-        &keys,
-        shared.instance,
-        shared.settings.claim_lease,
-        shared.backfill_started(),
-    )
-    .await?;
     lane.inflight.fetch_add(claims.len(), Ordering::AcqRel);
     let claimed: Vec<String> = claims.iter().map(|c| c.key.clone()).collect();
     let rows = match lane.source.fetch(&client, &claimed).await {
