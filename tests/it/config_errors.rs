@@ -1,14 +1,10 @@
 //! Config mistakes found by a user trial, as the operator meets them: the built binary, its exit
 //! code (2: a configuration error, not 3: the database cannot be reached), a message that says
 //! what is wrong, and no secret in anything it prints. None of these needs a database: the
-//! config is refused before any connection is tried. Last, a URL whose host the server's
-//! certificate does not name, under verify-full: the refusal names hosts as they are written.
+//! config is refused before any connection is tried.
 
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-
-use crate::cluster::{ClusterOptions, PrivateCluster};
 use crate::harness::*;
 use crate::process::{Process, Scratch};
 
@@ -87,63 +83,4 @@ async fn an_api_key_pasted_into_api_key_file_is_never_printed() {
         "{printed}"
     );
     assert!(!printed.contains("TRIAL_SECRET"), "{printed}");
-}
-
-/// A CA's certificate (PEM) and a server certificate and key (PEM) it signed for `localhost`.
-fn ca_and_localhost_cert() -> (String, String, String) {
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("self-sign the CA");
-    let key = KeyPair::generate().expect("server key");
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .expect("server params")
-        .signed_by(&key, &ca, &ca_key)
-        .expect("sign the server certificate");
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
-#[tokio::test]
-async fn verify_full_to_a_host_the_certificate_does_not_name_says_which_hosts_it_names() {
-    let (ca, cert, key) = ca_and_localhost_cert();
-    let cluster = PrivateCluster::start(ClusterOptions {
-        conf: vec![
-            "ssl = on".to_string(),
-            "ssl_cert_file = 'server.crt'".to_string(),
-            "ssl_key_file = 'server.key'".to_string(),
-        ],
-        files: vec![
-            ("server.crt".to_string(), cert.into_bytes()),
-            ("server.key".to_string(), key.into_bytes()),
-        ],
-        hba: None,
-    })
-    .await;
-    let dir = tempfile::tempdir().expect("certificate directory");
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca).expect("write the CA");
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
-        cluster.port(),
-        ca_file.display()
-    );
-    let config = config(
-        &url,
-        "http://127.0.0.1:9/unused",
-        "",
-        &orders_mapping("orders"),
-    );
-    let pool = resonance_sync::db::pool(&config.database).expect("a pool");
-    let error = match pool.get().await {
-        Ok(_) => panic!("verify-full accepted a certificate for another host"),
-        Err(error) => resonance_sync::error::DbError::from(error).to_string(),
-    };
-    assert!(
-        error.contains(
-            "not valid for the host '127.0.0.1' (sslmode=verify-full checks the name; verify-ca \
-             does not): it is valid only for localhost"
-        ),
-        "{error}"
-    );
-    assert!(!error.contains("DnsName"), "{error}");
 }

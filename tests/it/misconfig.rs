@@ -108,18 +108,7 @@ fn an_endpoint_holding_credentials_is_refused_without_echoing_them() {
 #[tokio::test]
 async fn dead_letter_commands_refuse_an_unknown_mapping_with_exit_2() {
     let db = TestDb::with_orders().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        config_text(
-            &db.url,
-            "http://127.0.0.1:1/e",
-            "",
-            &orders_mapping("orders"),
-        ),
-    )
-    .expect("write config");
+    let (_dir, path) = config_file(&db, &orders_mapping("orders"));
     for args in [
         ["list", "--mapping"],
         ["retry", "--mapping"],
@@ -170,15 +159,7 @@ async fn check_warns_about_keys_returned_for_several_rows() {
          ('R-3', 'd@example.com'), ('R-3', 'e@example.com'), ('R-3', 'f@example.com')",
     )
     .await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    let text = config_text(
-        &db.url,
-        "http://127.0.0.1:1/e",
-        "",
-        &imports_mapping("imports"),
-    );
-    std::fs::write(&path, text).expect("write config");
+    let (_dir, path) = config_file(&db, &imports_mapping("imports"));
     let output = check(&path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -206,13 +187,7 @@ async fn check_warns_about_rows_without_a_key() {
     let db =
         imports("('A-1', 'a@example.com'), (NULL, 'b@example.com'), (NULL, 'c@example.com')").await;
     let mapping = imports_mapping("imports");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping),
-    )
-    .expect("write config");
+    let (_dir, path) = config_file(&db, &mapping);
     let output = check(&path);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -255,13 +230,7 @@ async fn check_names_the_mapping_whose_query_fails_when_run() {
             ids[1]
         ),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    std::fs::write(
-        &path,
-        config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping),
-    )
-    .expect("write config");
+    let (_dir, path) = config_file(&db, &mapping);
     let output = check(&path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
@@ -270,6 +239,16 @@ async fn check_names_the_mapping_whose_query_fails_when_run() {
             && stderr.contains("division by zero"),
         "{stderr}"
     );
+}
+
+/// A config file for `db` with `mappings`, in a directory of its own (kept while the handle
+/// lives); the endpoint is never reached.
+fn config_file(db: &TestDb, mappings: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config.toml");
+    let text = config_text(&db.url, "http://127.0.0.1:1/e", "", mappings);
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
 }
 
 /// `resonance-sync --config <path> check`.
@@ -294,10 +273,7 @@ async fn check_refuses_a_mark_synced_whose_parameter_cannot_hold_the_key() {
     let db = imports("('ORD-1', 'a@example.com')").await;
     db.exec("ALTER TABLE imports ADD COLUMN id bigserial").await;
     let mapping = imports_mapping("imports").replace("WHERE ref = ANY($1)", "WHERE id = ANY($1)");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping);
-    std::fs::write(&path, text).expect("write config");
+    let (_dir, path) = config_file(&db, &mapping);
     let output = check(&path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
@@ -372,10 +348,7 @@ async fn a_query_that_caps_its_rows_with_limit_is_refused() {
             "WHERE NOT synced\"",
             &format!("WHERE NOT synced {capped}\""),
         );
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("config.toml");
-        let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mapping);
-        std::fs::write(&path, text).expect("write config");
+        let (_dir, path) = config_file(&db, &mapping);
         let output = check(&path);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{capped}: {stderr}");
@@ -397,10 +370,7 @@ async fn status_names_a_mapping_it_cannot_read_and_still_shows_the_others() {
         imports_mapping("imports"),
         imports_mapping("renamed").replace("FROM imports", "FROM imports_too")
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("config.toml");
-    let text = config_text(&db.url, "http://127.0.0.1:1/e", "", &mappings);
-    std::fs::write(&path, text).expect("write config");
+    let (_dir, path) = config_file(&db, &mappings);
     assert!(command(&path, "status").status.success());
     db.exec("ALTER TABLE imports_too RENAME TO imports_gone")
         .await;

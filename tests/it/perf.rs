@@ -159,6 +159,25 @@ async fn daemon_backends(db: &TestDb) -> i64 {
     .await
 }
 
+/// Runs `sql` through a connection that is closed before counting starts, so that its own
+/// statistics are flushed by then.
+async fn set_up(db: &TestDb, sql: &str) {
+    connect(&db.url)
+        .await
+        .batch_execute(sql)
+        .await
+        .expect("set up");
+    disconnected(db, "the set-up connection closes").await;
+}
+
+/// Waits until no other backend is connected to the test database (`what` says whose).
+async fn disconnected(db: &TestDb, what: &str) {
+    wait_until(Duration::from_secs(10), what, || async {
+        daemon_backends(db).await == 0
+    })
+    .await;
+}
+
 /// (sequential scans, index scans) of `orders`, and transactions in the database, as flushed
 /// by backends that have exited.
 async fn scan_counts(db: &TestDb) -> (i64, i64, i64) {
@@ -184,23 +203,15 @@ async fn polls_use_the_partial_index_even_when_statistics_lag_behind() {
     logs();
     let db = TestDb::new().await;
     let rows = 20_000;
-    {
-        let setup = connect(&db.url).await;
-        setup
-            .batch_execute(&format!(
-                "{ORDERS_TABLE} {PARTIAL_INDEX}
+    set_up(
+        &db,
+        &format!(
+            "{ORDERS_TABLE} {PARTIAL_INDEX}
                  INSERT INTO orders (user_email, order_value)
                    SELECT 'o' || g || '@example.com', 1 FROM generate_series(1, {rows}) g;
                  ANALYZE orders;
                  UPDATE orders SET synced_to_resonance = true WHERE id <= {rows} - 1000;"
-            ))
-            .await
-            .expect("set up");
-    }
-    wait_until(
-        Duration::from_secs(10),
-        "the set-up connection closes",
-        || async { daemon_backends(&db).await == 0 },
+        ),
     )
     .await;
     let before = scan_counts(&db).await;
@@ -212,12 +223,7 @@ async fn polls_use_the_partial_index_even_when_statistics_lag_behind() {
         .await
         .expect("the backfill drains the rows");
     assert_eq!(receiver.count(), 1000);
-    wait_until(
-        Duration::from_secs(10),
-        "the backfill disconnects",
-        || async { daemon_backends(&db).await == 0 },
-    )
-    .await;
+    disconnected(&db, "the backfill disconnects").await;
     // Counting the backlog reads the table, a few times; each of the 20 polls must not.
     let after = scan_counts(&db).await;
     let (scans, by_index) = (after.0 - before.0, after.1 - before.1);
@@ -233,25 +239,15 @@ async fn polls_use_the_partial_index_even_when_statistics_lag_behind() {
 async fn an_idle_daemon_runs_one_indexed_query_per_interval() {
     logs();
     let db = TestDb::new().await;
-    {
-        // Set up through a connection that is closed before counting starts, so its own
-        // statistics are flushed by then.
-        let setup = connect(&db.url).await;
-        setup
-            .batch_execute(&format!(
-                "{ORDERS_TABLE} {PARTIAL_INDEX}
+    set_up(
+        &db,
+        &format!(
+            "{ORDERS_TABLE} {PARTIAL_INDEX}
                  CREATE SEQUENCE polls;
                  INSERT INTO orders (user_email, order_value, synced_to_resonance)
                    SELECT 'o' || g || '@example.com', 1, true FROM generate_series(1, 5000) g;
                  ANALYZE orders;"
-            ))
-            .await
-            .expect("set up");
-    }
-    wait_until(
-        Duration::from_secs(10),
-        "the set-up connection closes",
-        || async { daemon_backends(&db).await == 0 },
+        ),
     )
     .await;
     let before = scan_counts(&db).await;
@@ -274,12 +270,7 @@ async fn an_idle_daemon_runs_one_indexed_query_per_interval() {
     tokio::time::sleep(window).await; // the measurement window, not a synchronisation
     let last: i64 = db.scalar("SELECT last_value FROM polls").await;
     daemon.stop().await.expect("the daemon stops cleanly");
-    wait_until(
-        Duration::from_secs(10),
-        "the daemon disconnects",
-        || async { daemon_backends(&db).await == 0 },
-    )
-    .await;
+    disconnected(&db, "the daemon disconnects").await;
     let after = scan_counts(&db).await;
 
     let intervals = (window.as_millis() / interval.as_millis()) as i64;

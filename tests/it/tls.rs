@@ -235,3 +235,28 @@ async fn a_backfill_over_verify_full_delivers_the_rows() {
     assert_eq!(reports[0].delivered, 1);
     assert!(receiver.seen()[0].text().contains("\"order_value\":12.34"));
 }
+
+/// A verify-full refusal names the hosts the certificate is valid for, in plain words (it once
+/// printed `DnsName("localhost")`).
+#[tokio::test]
+async fn verify_full_to_a_host_the_certificate_does_not_name_says_which_hosts_it_names() {
+    let server = TlsServer::start().await;
+    let url = server.url(
+        "127.0.0.1",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            server.ca_file.display()
+        ),
+    );
+    let error = connect_as_daemon(&url)
+        .await
+        .expect_err("verify-full accepted a certificate for another host");
+    assert!(
+        error.contains(
+            "not valid for the host '127.0.0.1' (sslmode=verify-full checks the name; verify-ca \
+             does not): it is valid only for localhost"
+        ),
+        "{error}"
+    );
+    assert!(!error.contains("DnsName"), "{error}");
+}
