@@ -28,6 +28,12 @@ pub async fn check(config: &Config) -> Result<(), AppError> {
         }
     }
     let mut client = pool.get().await.map_err(DbError::from)?;
+    // check reads every row of each query; if it is stopped (Ctrl-C) meanwhile, the server
+    // notices the closed connection within a second and cancels the statement rather than
+    // reading on (PostgreSQL 14 and later; older servers do not know the setting).
+    let _ = client
+        .batch_execute("SET client_connection_check_interval = '1s'")
+        .await;
     for source in &sources {
         check_mapping(config, &mut client, source).await?;
     }
@@ -54,6 +60,9 @@ async fn check_mapping(
     };
     let backlog = source.backlog(&*client).await.map_err(in_mapping)?;
     crate::say!("\nmapping '{name}': {backlog} unsynced row(s) to deliver");
+    crate::say!(
+        "  reading every row of the query once (rows without a key, repeated keys, errors)"
+    );
     let without_key = source
         .rows_without_key(&*client)
         .await
@@ -125,27 +134,55 @@ async fn try_mark(
     key: &str,
 ) -> Result<(), AppError> {
     let name = &source.config.name;
+    let column = crate::source::quote_ident(&source.config.key);
     match source.trial_mark(client, key).await {
-        Ok(trial) if trial.others_taken > 0 => {
+        Ok(trial) if trial.others_changed => {
+            let what = if trial.others_taken > 0 {
+                format!(
+                    "also took {} other row(s) out of the query",
+                    trial.others_taken
+                )
+            } else {
+                "changed which other rows the query returns (rows already synced came back)"
+                    .to_string()
+            };
             return Err(AppError::Config(format!(
-                "mapping '{name}': mark_synced: given the one key {key}, it also took {} other \
-                 row(s) out of the query (tried, and rolled back): it marks rows it was not \
-                 given, which would never be sent; make it match the key only \
-                 (WHERE {} = ANY($1))",
-                trial.others_taken, source.config.key
-            )))
+                "mapping '{name}': mark_synced: given the one key '{key}', it {what} (tried, \
+                 and rolled back): it marks rows it was not given, so rows would never be sent \
+                 or would be sent again and again; make it change the key's rows only \
+                 (... WHERE {column} = ANY($1))"
+            )));
         }
         Ok(trial) if trial.left > 0 => crate::say!(
             "  warning: mark_synced leaves the sample row ({key}) in the query (tried, rolled \
              back): a delivered row would stay unsynced and become a dead letter not_marked; \
              make it set what the query filters on"
         ),
-        Ok(_) => crate::say!(
-            "  mark_synced takes the sample row ({key}) out of the query, and no other (tried, \
-             rolled back)"
-        ),
+        Ok(trial) => {
+            crate::say!(
+                "  mark_synced takes the sample row ({key}) out of the query, and no other (tried, \
+                 rolled back)"
+            );
+            if trial.updated > 1 {
+                crate::say!(
+                    "  note: it changed {} rows for that one key: right when the query sums \
+                     several rows per key (order lines), wrong if it rewrites other rows",
+                    trial.updated
+                );
+            }
+        }
         Err(error) if error.is_unavailable() => return Err(AppError::Database(error)),
-        Err(error) => crate::say!("  note: could not try mark_synced on the sample row: {error}"),
+        // Another instance marking the same row at this moment: nothing wrong with the mark.
+        Err(error) if error.is_serialization_failure() => crate::say!(
+            "  note: could not try mark_synced on the sample row, which another instance is \
+             marking now: {error}"
+        ),
+        Err(error) => {
+            return Err(AppError::Config(format!(
+                "mapping '{name}': mark_synced fails on the sample row {key} (tried, and rolled \
+                 back): {error}; every delivered row would stay unsynced and be sent again"
+            )))
+        }
     }
     Ok(())
 }

@@ -51,6 +51,17 @@ impl DbError {
         }
     }
 
+    /// The server could not serialize the transaction (40001) or found a deadlock (40P01): a
+    /// clash with another session, not a fault of the statement.
+    pub fn is_serialization_failure(&self) -> bool {
+        match self {
+            DbError::Postgres(error) => error
+                .as_db_error()
+                .is_some_and(|db| db.code().code().starts_with("40")),
+            _ => false,
+        }
+    }
+
     /// A one-line description of a driver error: the server's message with its detail and hint
     /// where there is one, else the connection problem with its cause.
     pub fn describe(error: &tokio_postgres::Error) -> String {

@@ -93,9 +93,9 @@ impl Source {
             .unwrap_or(false)
         {
             return Err(fail(vec![
-                "query: it ends in LIMIT (or FETCH FIRST): each poll would see only those rows, \
-                 and once they are dead letters, no other row would ever be sent; remove it (the \
-                 daemon reads at most batch_size rows per poll anyway)"
+                "query: it ends in LIMIT (or OFFSET, FETCH FIRST): each poll would see only \
+                 those rows, and once they are dead letters, no other row would ever be sent; \
+                 remove it (the daemon reads at most batch_size rows per poll anyway)"
                     .to_string(),
             ]));
         }
@@ -284,20 +284,27 @@ impl Source {
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
             .start()
             .await?;
-        let count = format!(
+        // The other keys' rows as a count and a sum of hashes: a mark that takes some of them
+        // out of the query, or puts synced rows back in, changes one or the other.
+        let census = format!(
             "SELECT count(*) FILTER (WHERE q.{0}::text IS DISTINCT FROM $1), \
+                    coalesce(sum(hashtext(q.{0}::text)::bigint) \
+                             FILTER (WHERE q.{0}::text IS DISTINCT FROM $1), 0)::bigint, \
                     count(*) FILTER (WHERE q.{0}::text = $1) \
                FROM {1} AS q",
             quote_ident(&self.config.key),
             subquery(&self.config.query)
         );
-        let before = transaction.query_one(&count, &[&key]).await?;
-        self.mark_synced(&transaction, &[key.to_string()]).await?;
-        let after = transaction.query_one(&count, &[&key]).await?;
+        let before = transaction.query_one(&census, &[&key]).await?;
+        let updated = self.mark_synced(&transaction, &[key.to_string()]).await?;
+        let after = transaction.query_one(&census, &[&key]).await?;
         transaction.rollback().await?;
+        let others = |row: &tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, i64>(1));
         Ok(TrialMark {
-            others_taken: before.get::<_, i64>(0) - after.get::<_, i64>(0),
-            left: after.get(1),
+            others_changed: others(&before) != others(&after),
+            others_taken: others(&before).0 - others(&after).0,
+            left: after.get(2),
+            updated,
         })
     }
 
@@ -336,10 +343,15 @@ fn with_server_casts(fetch_sql: &str, statement: &tokio_postgres::Statement) -> 
 /// What `mark_synced` did to the query's rows when given one key (see [`Source::trial_mark`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrialMark {
-    /// Rows of other keys it took out of the query: none is right.
+    /// Whether the rows of other keys in the query changed (some left, or synced rows came
+    /// back): they must not.
+    pub others_changed: bool,
+    /// How many fewer rows of other keys the query returns (negative when rows came back).
     pub others_taken: i64,
     /// Rows of the key itself still in the query: none is right.
     pub left: i64,
+    /// Rows the statement reports it changed.
+    pub updated: u64,
 }
 
 /// Whether every key of a column of type `key` can be bound to `mark_synced`'s `$1` of type

@@ -1,6 +1,8 @@
 //! Mistakes an operator makes in a config, and what the daemon says and does about them: a
 //! clear message naming the problem, the documented exit code, and no row sent in a loop.
 
+use std::time::Duration;
+
 use resonance_sync::app::{self, AppError};
 use resonance_sync::config::{self, Overrides};
 
@@ -318,10 +320,39 @@ async fn check_tries_mark_synced_on_one_row_and_refuses_one_that_marks_others() 
     let stderr = String::from_utf8_lossy(&greedy.stderr);
     assert_eq!(greedy.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("mapping 'imports': mark_synced: given the one key A-")
+        stderr.contains("mapping 'imports': mark_synced: given the one key 'A-")
             && stderr.contains("it also took 2 other row(s) out of the query"),
         "{stderr}"
     );
+
+    // Without a WHERE, synced rows come back into the query: rows would be sent again and again.
+    db.exec("INSERT INTO imports (ref, user_email, synced) VALUES ('S-1', 's@example.com', true)")
+        .await;
+    let swap = with_mark("UPDATE imports SET synced = (ref = ANY($1))");
+    let stderr = String::from_utf8_lossy(&swap.stderr);
+    assert_eq!(swap.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr
+            .contains("changed which other rows the query returns (rows already synced came back)"),
+        "{stderr}"
+    );
+
+    // A mark that fails (here a trigger refuses it) would leave every delivered row unsynced.
+    db.exec(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'boom from trigger'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON imports FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .await;
+    let failing = with_mark("UPDATE imports SET synced = true WHERE ref = ANY($1)");
+    let stderr = String::from_utf8_lossy(&failing.stderr);
+    assert_eq!(failing.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("mark_synced fails on the sample row A-")
+            && stderr.contains("boom from trigger"),
+        "{stderr}"
+    );
+    db.exec("DROP TRIGGER refuse ON imports").await;
 
     let idle = with_mark("UPDATE imports SET user_email = user_email WHERE ref = ANY($1)");
     let stdout = String::from_utf8_lossy(&idle.stdout);
@@ -338,12 +369,54 @@ async fn check_tries_mark_synced_on_one_row_and_refuses_one_that_marks_others() 
     );
 }
 
+/// `check` reads every row of the query. Stopped meanwhile (Ctrl-C, a timeout), it must not
+/// leave that statement running on the server.
+#[tokio::test]
+async fn a_stopped_check_does_not_leave_its_query_running_on_the_server() {
+    let db = imports("('A-1', 'a@example.com'), ('A-2', 'b@example.com')").await;
+    let slow = imports_mapping("imports").replace(
+        "WHERE NOT synced\"",
+        "WHERE NOT synced AND pg_sleep(30) IS NOT NULL\"",
+    );
+    let (_dir, path) = config_file(&db, &slow);
+    let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_resonance-sync"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("RESONANCE_API_KEY", API_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start check");
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND state = 'active' \
+                     AND query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()";
+    wait_until(
+        Duration::from_secs(15),
+        "check reads the slow query",
+        || async { db.scalar::<i64>(running).await > 0 },
+    )
+    .await;
+    check.kill().expect("stop check");
+    let _ = check.wait();
+    wait_until(
+        Duration::from_secs(10),
+        "the server cancels the query of the stopped check",
+        || async { db.scalar::<i64>(running).await == 0 },
+    )
+    .await;
+}
+
 /// A query that ends in LIMIT would let its first rows, once dead letters, block every other
 /// row for ever: it is refused, with the reason.
 #[tokio::test]
 async fn a_query_that_caps_its_rows_with_limit_is_refused() {
     let db = imports("('A-1', NULL), ('A-2', 'b@example.com')").await;
-    for capped in ["ORDER BY ref LIMIT 1", "FETCH FIRST 1 ROWS ONLY FOR UPDATE"] {
+    for capped in [
+        "ORDER BY ref LIMIT 1",
+        "FETCH FIRST 1 ROWS ONLY FOR UPDATE",
+        "OFFSET 1",
+    ] {
         let mapping = imports_mapping("imports").replace(
             "WHERE NOT synced\"",
             &format!("WHERE NOT synced {capped}\""),
@@ -353,7 +426,7 @@ async fn a_query_that_caps_its_rows_with_limit_is_refused() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{capped}: {stderr}");
         assert!(
-            stderr.contains("mapping 'imports': query: it ends in LIMIT (or FETCH FIRST)"),
+            stderr.contains("mapping 'imports': query: it ends in LIMIT (or OFFSET, FETCH FIRST)"),
             "{capped}: {stderr}"
         );
     }
