@@ -132,7 +132,10 @@ async fn list(
 /// A key as `dead-letters list` shows it: quoted (and escaped) when blanks or control
 /// characters would hide where it ends, so that it can be copied into `--key`.
 fn shown_key(key: &str) -> Cow<'_, str> {
-    if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if key.is_empty()
+        || key.starts_with('"')
+        || key.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         Cow::Owned(format!("{key:?}"))
     } else {
         Cow::Borrowed(key)
@@ -315,5 +318,10 @@ mod tests {
         assert_eq!(shown_key("k 2 "), "\"k 2 \"");
         assert_eq!(shown_key(""), "\"\"");
         assert_eq!(shown_key("k1\nforged"), "\"k1\\nforged\"");
+        assert_eq!(
+            shown_key("\"dq\""),
+            "\"\\\"dq\\\"\"",
+            "a key that is quoted itself"
+        );
     }
 }

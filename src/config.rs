@@ -379,14 +379,22 @@ fn amount_columns(
 /// The longest channel name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
 const MAX_CHANNEL_BYTES: usize = 63;
 
-/// `notify_channel`, refused when too long: LISTEN would silently truncate it while the CRM's
-/// `pg_notify()` with the full name fails ("channel name too long"), so nothing would arrive.
+/// `notify_channel`, refused when empty or too long: LISTEN would silently truncate a long one
+/// while the CRM's `pg_notify()` with the full name fails ("channel name too long"), so nothing
+/// would arrive; an empty one can never be notified.
 fn notify_channel(
     label: &str,
     channel: Option<String>,
     problems: &mut Vec<String>,
 ) -> Option<String> {
-    let channel = channel.filter(|c| !c.trim().is_empty())?;
+    let channel = channel?;
+    if channel.trim().is_empty() {
+        problems.push(format!(
+            "{label}: notify_channel is empty; PostgreSQL has no such channel (pg_notify('') \
+             fails): name the channel, or leave the key out to rely on polling"
+        ));
+        return None;
+    }
     if channel.len() > MAX_CHANNEL_BYTES {
         problems.push(format!(
             "{label}: notify_channel is {} bytes long; PostgreSQL channel names are at most \

@@ -422,6 +422,11 @@ fn a_notify_channel_longer_than_postgresql_allows_is_refused() {
         &format!("notify_channel = \"{}\"", "é".repeat(32)),
     ));
     assert!(found[0].contains("is 64 bytes long"), "{found:#?}");
+    let found = problems(&with_line("mapping", "notify_channel = \"\""));
+    assert!(
+        found[0].starts_with("mapping 'orders': notify_channel is empty"),
+        "{found:#?}"
+    );
 }
 
 /// `MINIMAL` without its `[database]` section, for texts that write it differently.
