@@ -113,8 +113,8 @@ pub struct Sink {
     client: reqwest::Client,
     endpoint: reqwest::Url,
     api_key: Secret,
-    /// `Bearer <key>`, built once and marked sensitive; None when the key cannot go in a header.
-    authorization: Option<HeaderValue>,
+    /// `Bearer <key>`, built once and marked sensitive.
+    authorization: HeaderValue,
 }
 
 /// An attempt's outcome and how long it took.
@@ -137,12 +137,13 @@ impl Sink {
             .user_agent(concat!("resonance-sync/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let authorization = HeaderValue::from_str(&format!("Bearer {}", api_key.expose()))
-            .ok()
-            .map(|mut value| {
-                value.set_sensitive(true);
-                value
-            });
+        // Config validation refuses such a key already, with the same words; the key itself
+        // is never shown.
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", api_key.expose()))
+            .map_err(|_| {
+                "the API key holds characters that cannot go in an HTTP header".to_string()
+            })?;
+        authorization.set_sensitive(true);
         Ok(Sink {
             client,
             endpoint: config.endpoint.clone(),
@@ -162,15 +163,9 @@ impl Sink {
     }
 
     async fn attempt(&self, event: &OutgoingEvent) -> Outcome {
-        let Some(authorization) = &self.authorization else {
-            return Outcome::Refused {
-                status: 0,
-                body: "the API key holds characters that cannot go in a header".to_string(),
-            };
-        };
         let mut headers = HeaderMap::with_capacity(3);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(AUTHORIZATION, authorization.clone());
+        headers.insert(AUTHORIZATION, self.authorization.clone());
         if let Ok(value) = HeaderValue::from_str(&event.idempotency_key) {
             headers.insert(IDEMPOTENCY_HEADER, value);
         }
