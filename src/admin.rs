@@ -28,13 +28,14 @@ pub async fn dead_letters(config: &Config, command: DeadLetterCommand) -> Result
     if let Some(name) = named {
         // A mapping renamed or removed from the config still has its dead letters listed:
         // they can be reached by its old name.
-        if crate::app::known_mapping(config, name).is_err() && has_letters(&client, name).await? {
+        if let Err(unknown) = crate::app::known_mapping(config, name) {
+            if !has_letters(&client, name).await? {
+                return Err(unknown);
+            }
             tracing::warn!(
                 mapping = name,
                 "the config has no mapping of this name; acting on the dead letters it left"
             );
-        } else {
-            crate::app::known_mapping(config, name)?;
         }
     }
     match command {

@@ -215,10 +215,9 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
                 polled
             }
             Err(error) => {
-                if poll_failed(shared, lane, &mut outage, &error) {
+                let Some(wait) = poll_failed(shared, lane, &mut outage, &error) else {
                     return;
-                }
-                let wait = db_wait(outage.failures(), config.interval);
+                };
                 if !lane.heartbeat.idle(sleep_or_stop(&shared.stop, wait)).await {
                     return;
                 }
@@ -265,20 +264,27 @@ async fn poll(shared: &Arc<Shared>, lane: &Arc<Lane>, records: &mpsc::Sender<Rec
     }
 }
 
-/// Says that a poll failed (a long outage at growing intervals); true when this mapping is
-/// given up: a backfill whose statement the database keeps refusing.
-fn poll_failed(shared: &Shared, lane: &Lane, outage: &mut Outage, error: &DbError) -> bool {
+/// Says that a poll failed (a long outage at growing intervals); returns the wait before the
+/// next poll, or None when this mapping is given up: a backfill whose statement the database
+/// keeps refusing.
+fn poll_failed(
+    shared: &Shared,
+    lane: &Lane,
+    outage: &mut Outage,
+    error: &DbError,
+) -> Option<Duration> {
     let config = &lane.source.config;
     let tell = outage.fail();
     let failures = outage.failures();
-    let retry_in_s = db_wait(failures, config.interval).as_secs_f64();
+    let wait = db_wait(failures, config.interval);
+    let retry_in_s = wait.as_secs_f64();
     if error.is_unavailable() {
         if tell {
             let down_s = outage.length().as_secs();
             tracing::warn!(mapping = %config.name, %error, failures, down_s, retry_in_s, "database unavailable; will retry");
         }
         lane.stats.set_error(format!("database: {error}"));
-        return false;
+        return Some(wait);
     }
     // The server answered and refused a statement: the mapping's query fails when run (on some
     // row's value), or a permission is missing. Waiting does not fix that, so a backfill gives
@@ -292,9 +298,9 @@ fn poll_failed(shared: &Shared, lane: &Lane, outage: &mut Outage, error: &DbErro
         if let Ok(mut broken) = shared.broken.lock() {
             broken.push(format!("mapping '{}': {error}", config.name));
         }
-        return true;
+        return None;
     }
-    false
+    Some(wait)
 }
 
 /// A backfill gives up on a down API after as many failed pauses as a row gets attempts, rather
