@@ -63,24 +63,22 @@ async fn check_mapping(
     crate::say!(
         "  reading every row of the query once (rows without a key, repeated keys, errors)"
     );
-    let without_key = source
-        .rows_without_key(&*client)
-        .await
-        .map_err(in_mapping)?;
-    if without_key > 0 {
+    let census = source.key_census(&*client).await.map_err(in_mapping)?;
+    if census.without_key > 0 {
         crate::say!(
-            "  warning: {without_key} row(s) have no key ({} is NULL): they are never sent, \
+            "  warning: {} row(s) have no key ({} is NULL): they are never sent, \
              marked or dead-lettered; give them a key or leave them out of the query",
+            census.without_key,
             source.config.key
         );
     }
-    let (repeated, examples) = source.repeated_keys(&*client).await.map_err(in_mapping)?;
-    if repeated > 0 {
-        let quoted: Vec<String> = examples.iter().map(|k| format!("'{k}'")).collect();
+    if census.repeated > 0 {
+        let quoted: Vec<String> = census.examples.iter().map(|k| format!("'{k}'")).collect();
         crate::say!(
-            "  warning: {repeated} key(s) are returned for more than one row (e.g. {}): \
+            "  warning: {} key(s) are returned for more than one row (e.g. {}): \
              such rows are never sent, each key becomes a dead letter duplicate_key; \
              {} must be unique among the query's rows",
+            census.repeated,
             quoted.join(", "),
             source.config.key
         );

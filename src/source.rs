@@ -240,35 +240,29 @@ impl Source {
             .get(0))
     }
 
-    /// Rows the query returns without a key. They can be neither claimed nor marked, so they
-    /// are never sent: `check` says how many there are. Every column of every row is computed
-    /// (`count(q)` reads the whole row), so a query that fails on some row's value fails here.
-    pub async fn rows_without_key(&self, client: &impl GenericClient) -> Result<i64, DbError> {
+    /// Reads the whole query once (`check`): rows without a key, which can be neither claimed
+    /// nor marked and so are never sent, and keys returned for more than one row, which are never
+    /// sent either (each becomes a `duplicate_key` dead letter). Every column of every row is
+    /// computed (`count(q)` reads the whole row), so a query that fails on some row's value
+    /// fails here.
+    pub async fn key_census(&self, client: &impl GenericClient) -> Result<KeyCensus, DbError> {
         let sql = format!(
-            "SELECT count(*) FILTER (WHERE q.{1} IS NULL), count(q) FROM {0} AS q",
-            subquery(&self.config.query),
-            quote_ident(&self.config.key)
+            "WITH r AS MATERIALIZED ( \
+               SELECT q.{key}::text AS k, count(*) AS n, count(q) AS whole \
+                 FROM {query} AS q GROUP BY 1) \
+             SELECT (SELECT coalesce(sum(n), 0)::bigint FROM r WHERE k IS NULL), \
+                    (SELECT count(*) FROM r WHERE k IS NOT NULL AND n > 1), \
+                    ARRAY(SELECT k FROM r WHERE k IS NOT NULL AND n > 1 ORDER BY k LIMIT 3), \
+                    (SELECT sum(whole) FROM r)",
+            key = quote_ident(&self.config.key),
+            query = subquery(&self.config.query),
         );
-        Ok(client.query_one(&sql, &[]).await?.get(0))
-    }
-
-    /// Keys the query returns for more than one row: how many, and the first few of them. Such
-    /// rows are never sent (each key becomes a `duplicate_key` dead letter): `check` names them.
-    pub async fn repeated_keys(
-        &self,
-        client: &impl GenericClient,
-    ) -> Result<(i64, Vec<String>), DbError> {
-        let key = quote_ident(&self.config.key);
-        let sql = format!(
-            "SELECT r.k, count(*) OVER () FROM ( \
-               SELECT q.{key}::text AS k FROM {} AS q WHERE q.{key} IS NOT NULL \
-               GROUP BY 1 HAVING count(*) > 1) AS r \
-             ORDER BY r.k LIMIT 3",
-            subquery(&self.config.query),
-        );
-        let rows = client.query(&sql, &[]).await?;
-        let total = rows.first().map_or(0, |row| row.get(1));
-        Ok((total, rows.iter().map(|row| row.get(0)).collect()))
+        let row = client.query_one(&sql, &[]).await?;
+        Ok(KeyCensus {
+            without_key: row.get(0),
+            repeated: row.get(1),
+            examples: row.get(2),
+        })
     }
 
     /// What `mark_synced`, given `key` alone, does to the query's rows, tried in a transaction
@@ -338,6 +332,17 @@ fn with_server_casts(fetch_sql: &str, statement: &tokio_postgres::Statement) -> 
         })
         .collect();
     Some(fetch_sql.replacen(" q.* ", &format!(" {} ", list.join(", ")), 1))
+}
+
+/// What [`Source::key_census`] found in the query's rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCensus {
+    /// Rows whose key is NULL.
+    pub without_key: i64,
+    /// Keys returned for more than one row.
+    pub repeated: i64,
+    /// The first few of those keys, in order.
+    pub examples: Vec<String>,
 }
 
 /// What `mark_synced` did to the query's rows when given one key (see [`Source::trial_mark`]).
